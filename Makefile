@@ -1,0 +1,40 @@
+# Every target bootstraps .venv on first use. Override the model, checkpoint and process count
+# with MODEL=, CHECKPOINT= and NPROC= (e.g. `make base MODEL=gpt-j CHECKPOINT=/ckpt NPROC=8`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LUIGI := $(VENV)/bin/luigi --module tasks
+
+OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
+             $(if $(CHECKPOINT),--pipeline-checkpoint $(CHECKPOINT)) \
+             $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
+
+.PHONY: setup base status gc gc-dry-run test bench clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+base: setup
+	$(LUIGI) BaseModel $(OVERRIDES)
+
+status: setup
+	$(PY) -m pipeline.status $(OVERRIDES)
+
+gc: setup
+	$(PY) -m pipeline.gc $(OVERRIDES)
+
+gc-dry-run: setup
+	$(PY) -m pipeline.gc --dry-run $(OVERRIDES)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/noop_rerun.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,8 @@
+"""Hot numeric code: the int8 GEMM, 2:4 mask search and MoE dispatch.
+
+cpm_kernels is imported lazily: it raises at import time on machines without a working CUDA
+driver (and needs setuptools<82 for pkg_resources), so nothing here imports it at module load.
+"""
+from kernels.backend import cpm_kernels_status
+
+__all__ = ["cpm_kernels_status"]

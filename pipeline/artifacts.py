@@ -1,0 +1,390 @@
+"""The artifact store: versioned stage outputs, published atomically.
+
+A stage's version is a hash of its name, its effective parameters, its upstream versions and a
+fingerprint of the project source files it runs. Its output lives in
+``<root>/<Stage>/<version>/`` next to a ``manifest.json`` that is written last; the directory
+is built under ``<root>/<Stage>/.scratch-<version>/`` and renamed into place, so nothing that
+looks complete is ever half-written. A build may keep resumable state in ``<scratch>/resume/``;
+a failed build keeps its scratch directory only when that state exists.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGES = ("pipeline", "tasks", "kernels")
+ROOT_ENV = "PIPELINE_ARTIFACTS"
+MANIFEST = "manifest.json"
+RESUME_DIR = "resume"
+LIBRARIES = ("torch", "numpy", "luigi", "h5py", "scikit-learn", "safetensors", "tokenizers")
+
+
+def artifacts_root() -> Path:
+    return Path(os.environ.get(ROOT_ENV) or PROJECT_ROOT / "artifacts").resolve()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Code fingerprint: the project modules a stage imports, hashed as syntax trees so that comment,
+# whitespace and docstring edits do not count.
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def normalised_source_hash(path: Path) -> str:
+    tree = _strip_docstrings(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of a project module given its dotted name, or None if not in the project."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = PROJECT_ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PROJECT_ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Dotted names of project modules that ``path`` imports anywhere (top level or in functions).
+
+    Parent packages' ``__init__`` files run implicitly on import but are not followed: a package
+    ``__init__`` that gathers every stage would otherwise make each stage depend on all others.
+    """
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:  # a submodule, or a name defined in the module ``base``
+                sub = f"{base}.{alias.name}"
+                found.add(sub if module_file(sub) is not None else base)
+    return {m for m in found if module_file(m) is not None}
+
+
+def code_files(entry_modules: list[str], exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """{project-relative path: normalised hash} for the entry modules and everything they import,
+    not following the ``exclude`` modules (upstream stages, whose versions already cover them)."""
+    todo = [module_file(m) for m in entry_modules]
+    if any(p is None for p in todo):
+        raise ValueError(f"entry modules {entry_modules} are not all project modules")
+    skip = {module_file(m) for m in exclude}
+    seen: dict[Path, str] = {}
+    while todo:
+        path = todo.pop()
+        if path in seen or path in skip:
+            continue
+        seen[path] = normalised_source_hash(path)
+        todo.extend(module_file(m) for m in imported_modules(path))
+    return {str(p.relative_to(PROJECT_ROOT)): h for p, h in sorted(seen.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs, manifests and the store.
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """Everything that determines a stage's output, and so its version."""
+    stage: str
+    params: dict
+    upstream: dict  # upstream stage name -> version
+    code: dict  # project-relative path -> normalised source hash
+
+    @property
+    def code_fingerprint(self) -> str:
+        return sha256_json(self.code)[:16]
+
+    @property
+    def version(self) -> str:
+        return sha256_json({"stage": self.stage, "params": self.params, "upstream": self.upstream,
+                            "code": self.code_fingerprint})[:16]
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+class StoreBusy(RuntimeError):
+    pass
+
+
+class CorruptArtifact(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A published stage output: its directory and manifest."""
+    path: Path
+    manifest: dict
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    def file(self, name: str) -> Path:
+        if name not in self.manifest.get("files", {}):
+            raise FileNotFoundError(f"{self.path}: artifact has no file '{name}' "
+                                    f"(it holds: {', '.join(sorted(self.manifest.get('files', {})))})")
+        return self.path / name
+
+    def verify(self) -> None:
+        """Check every payload file against the size and sha256 recorded at publish time."""
+        for name, info in self.manifest.get("files", {}).items():
+            p = self.path / name
+            if not p.is_file():
+                raise CorruptArtifact(f"{p} is missing; remove {self.path} and rerun to rebuild it")
+            if p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
+                raise CorruptArtifact(f"{p} does not match its recorded checksum; "
+                                      f"remove {self.path} and rerun to rebuild it")
+
+
+class Build:
+    """A stage build in progress, in its scratch directory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metrics: dict = {}
+        self.timings: dict = {}
+        self.extra: dict = {}  # free-form manifest fields (e.g. the source of an import)
+
+    @property
+    def resume_dir(self) -> Path:
+        return self.path / RESUME_DIR
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+class Store:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else artifacts_root()
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def version_dir(self, stage: str, version: str) -> Path:
+        return self.stage_dir(stage) / version
+
+    def manifest_path(self, stage: str, version: str) -> Path:
+        return self.version_dir(stage, version) / MANIFEST
+
+    def get(self, stage: str, version: str) -> Artifact | None:
+        path = self.version_dir(stage, version)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptArtifact(f"{path / MANIFEST} is not valid JSON ({e}); remove {path} and rerun") from e
+        return Artifact(path, manifest)
+
+    def versions(self, stage: str) -> list[Artifact]:
+        """Published versions of a stage, oldest first."""
+        out = []
+        d = self.stage_dir(stage)
+        if d.is_dir():
+            for child in d.iterdir():
+                if not child.name.startswith(".") and child.is_dir():
+                    with contextlib.suppress(CorruptArtifact):
+                        if (a := self.get(stage, child.name)) is not None:
+                            out.append(a)
+        return sorted(out, key=lambda a: a.manifest.get("created", ""))
+
+    def stages(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if self.root.is_dir() else []
+
+    @contextlib.contextmanager
+    def publishing(self, spec: StageSpec):
+        """Build ``spec`` in its scratch directory and publish it on success.
+
+        Yields a :class:`Build`. Only one process may build a given version at a time.
+        """
+        stage_dir = self.stage_dir(spec.stage)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        scratch = stage_dir / f".scratch-{spec.version}"
+        with _exclusive(stage_dir / f".lock-{spec.version}", spec):
+            if self.get(spec.stage, spec.version) is not None:
+                raise StoreBusy(f"{spec.stage} {spec.version} was published by another run meanwhile")
+            scratch.mkdir(exist_ok=True)
+            (scratch / MANIFEST).unlink(missing_ok=True)
+            build = Build(scratch)
+            start = time.time()
+            try:
+                yield build
+            except BaseException:
+                if not (build.resume_dir.is_dir() and any(build.resume_dir.iterdir())):
+                    shutil.rmtree(scratch, ignore_errors=True)
+                raise
+            shutil.rmtree(build.resume_dir, ignore_errors=True)
+            build.timings["total"] = round(time.time() - start, 3)
+            self._finish(spec, build)
+
+    def _finish(self, spec: StageSpec, build: Build) -> None:
+        files = {}
+        for p in sorted(build.path.rglob("*")):
+            if p.is_file():
+                files[str(p.relative_to(build.path))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        manifest = {
+            "stage": spec.stage,
+            "version": spec.version,
+            "params": spec.params,
+            "upstream": spec.upstream,
+            "code": {"fingerprint": spec.code_fingerprint, "files": spec.code},
+            "metrics": build.metrics,
+            "timings": build.timings,
+            "files": files,
+            "libraries": library_versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
+            **build.extra,
+        }
+        _write_json_durably(build.path / MANIFEST, manifest)
+        _fsync_dir(build.path)
+        os.rename(build.path, self.version_dir(spec.stage, spec.version))
+        _fsync_dir(build.path.parent)
+
+
+def _write_json_durably(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, spec: StageSpec):
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise StoreBusy(f"another run is building {spec.stage} version {spec.version} "
+                                f"(lock {lock_path} is held); wait for it to finish or stop it") from e
+            raise
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Content hashes of large external inputs (checkpoints), cached by path, size and mtime so that a
+# no-op rerun does not reread gigabytes.
+
+def content_hash(path: Path, store: Store | None = None) -> str:
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamp = [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
+             for p in files]
+    cache_file = (store or Store()).root / ".cache" / "content-hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        cache = {}
+    key = str(path)
+    if cache.get(key, {}).get("stamp") == stamp:
+        return cache[key]["sha256"]
+    digest = sha256_json([(name, sha256_file(p)) for (name, _, _), p in zip(stamp, files)])
+    cache[key] = {"stamp": stamp, "sha256": digest}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_durably(cache_file, cache)
+    return digest
+
+
+def describe_changes(spec: StageSpec, previous: dict) -> list[str]:
+    """Why ``spec`` differs from a previously published manifest, one sentence per difference."""
+    reasons = []
+    old_params = previous.get("params", {})
+    for key in sorted(set(spec.params) | set(old_params)):
+        old, new = old_params.get(key, "<unset>"), spec.params.get(key, "<unset>")
+        if old != new:
+            reasons.append(f"parameter {key} changed from {old!r} to {new!r}")
+    old_code = previous.get("code", {}).get("files", {})
+    for path in sorted(set(spec.code) | set(old_code)):
+        if path not in old_code:
+            reasons.append(f"source file {path} is new to this stage")
+        elif path not in spec.code:
+            reasons.append(f"source file {path} is no longer used")
+        elif old_code[path] != spec.code[path]:
+            reasons.append(f"source file {path} changed")
+    old_up = previous.get("upstream", {})
+    for name in sorted(set(spec.upstream) | set(old_up)):
+        if old_up.get(name) != spec.upstream.get(name):
+            reasons.append(f"upstream {name} changed from {old_up.get(name)} to {spec.upstream.get(name)}")
+    return reasons or [f"version {spec.version} differs from {previous.get('version')} for another reason"]
+

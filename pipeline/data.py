@@ -1,0 +1,153 @@
+"""Text -> tokens: corpus discovery, the train/valid split, tokenizers and token arrays."""
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+EOT = "<|endoftext|>"
+EXCLUDED_STDLIB_PARTS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The running interpreter's standard-library ``.py`` sources, without tests or site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    files = [p for p in root.rglob("*.py")
+             if not EXCLUDED_STDLIB_PARTS.intersection(p.relative_to(root).parts)]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def discover(pattern: str) -> tuple[Path, list[Path]]:
+    """(root, files) for a glob pattern, or the embedded stdlib corpus when the pattern is empty."""
+    if not pattern:
+        return stdlib_files()
+    files = sorted({Path(p).resolve() for p in globlib.glob(pattern, recursive=True) if Path(p).is_file()})
+    if not files:
+        raise ValueError(f"Corpus files: the glob {pattern!r} matches no files (expected one or more text files)")
+    root = Path(_common_parent(files))
+    return root, files
+
+
+def _common_parent(files: list[Path]) -> str:
+    parent = os.path.commonpath([str(f) for f in files])
+    return parent if Path(parent).is_dir() else str(Path(parent).parent)
+
+
+def split(root: Path, files: list[Path], valid_fraction: float) -> tuple[list[Path], list[Path]]:
+    """Split by file, deterministically: a file is held out when the hash of its relative path
+    falls below ``valid_fraction`` (so adding a file never moves another). At least one file goes
+    to each side."""
+    if len(files) < 2:
+        raise ValueError(f"Corpus files: found {len(files)} file(s), expected at least 2 to split into train and valid")
+
+    def score(p: Path) -> float:
+        digest = hashlib.sha256(p.relative_to(root).as_posix().encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    scored = sorted(files, key=score)
+    n_valid = sum(score(p) < valid_fraction for p in files)
+    n_valid = min(max(n_valid, 1), len(files) - 1)
+    valid = set(scored[:n_valid])
+    return [p for p in files if p not in valid], [p for p in files if p in valid]
+
+
+def file_list_hash(root: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + str(p.stat().st_size).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def train_tokenizer(files: list[Path], vocab_size: int, max_bytes: int = 0):
+    """A byte-level BPE tokenizer (as GPT-J's), trained on ``files``; ``<|endoftext|>`` is id 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_texts(files, max_bytes), trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a valid tokenizers tokenizer.json ({e})") from e
+
+
+def _texts(files: list[Path], max_bytes: int):
+    total = 0
+    for p in files:
+        text = read_text(p)
+        yield text
+        total += len(text)
+        if max_bytes and total >= max_bytes:
+            return
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dt).max + 1:
+            return np.dtype(dt)
+    raise ValueError(f"vocabulary of {vocab_size} tokens does not fit in 32 bits")
+
+
+def tokenize_to_npy(tokenizer, files: list[Path], out: Path, max_bytes: int = 0, desc: str = "tokenize") -> int:
+    """Encode ``files`` (each followed by the end-of-text token) into one ``.npy`` token array.
+
+    Streams through a raw temporary file, so memory stays bounded by one batch of files.
+    Returns the number of tokens written.
+    """
+    eot = tokenizer.token_to_id(EOT)
+    if eot is None:
+        raise ValueError(f"the tokenizer has no {EOT} token")
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    raw = out.with_suffix(".raw")
+    n = 0
+    with open(raw, "wb") as f:
+        batch: list[str] = []
+        total = 0
+
+        def flush():
+            nonlocal n
+            for enc in tokenizer.encode_batch(batch):
+                ids = np.asarray(enc.ids + [eot], dtype=dtype)
+                f.write(ids.tobytes())
+                n += len(ids)
+            batch.clear()
+
+        for text in tqdm(_texts(files, max_bytes), total=len(files), desc=desc, unit="file", leave=False):
+            batch.append(text)
+            total += len(text)
+            if len(batch) == 64:
+                flush()
+        flush()
+    arr = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(n,))
+    arr[:] = np.fromfile(raw, dtype=dtype)
+    arr.flush()
+    del arr
+    raw.unlink()
+    return n
+
+
+def load_tokens(path: Path) -> np.ndarray:
+    """A token array, memory-mapped (never unpickled)."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,149 @@
+"""GPT-J decoder-only transformer.
+
+Module and parameter names match transformers' GPTJForCausalLM, so Hugging Face
+state dicts load 1:1 (see hf.py).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTJConfig
+
+
+class Linear(nn.Linear):
+    # Flipped by the int8 quantisation feature; a class attribute so it can be set per instance or globally.
+    int8 = False
+
+    def forward(self, x):
+        if self.int8:
+            raise NotImplementedError(
+                "int8 linear layers need the int8 kernel layer (kernels.bmm), which is not built yet"
+            )
+        return F.linear(x, self.weight, self.bias)
+
+
+def rotary_table(n_positions, rotary_dim, base=10000.0):
+    """cos/sin table of shape (2, n_positions, rotary_dim).
+
+    GPT-J rotates interleaved pairs of dims (0,1), (2,3), ... so each frequency is
+    repeated twice along the last axis.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    angles = torch.arange(n_positions).float()[:, None] * inv_freq[None, :]
+    angles = angles.repeat_interleave(2, dim=-1)
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first cos.shape[-1] dims of every head. x: (B, T, H, hd); cos/sin: (T, rotary_dim)."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0) for every pair
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        d = config.n_embd
+        self.q_proj = Linear(d, d, bias=False)
+        self.k_proj = Linear(d, d, bias=False)
+        self.v_proj = Linear(d, d, bias=False)
+        self.out_proj = Linear(d, d, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, D = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        # like HF, attention scores are computed in fp32 so fp16 models do not overflow
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, D)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc_in = Linear(config.n_embd, config.n_inner)
+        self.fc_out = Linear(config.n_inner, config.n_embd)
+        self.activation = config.activation
+
+    def forward(self, x):
+        x = self.fc_in(x)
+        if self.activation == "relu":
+            x = F.relu(x)
+        else:
+            x = F.gelu(x, approximate="tanh")  # 'gelu_new'
+        return self.fc_out(x)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin):
+        # GPT-J: attention and MLP run in parallel on the same normalised input
+        h = self.ln_1(x)
+        return self.attn(h, cos, sin) + self.mlp(h) + x
+
+
+class GPTJ(nn.Module):
+    def __init__(self, config: GPTJConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        # derived from the config, so not saved in checkpoints
+        self.register_buffer("rope", rotary_table(config.n_positions, config.rotary_dim), persistent=False)
+        self.init_weights_()
+
+    @torch.no_grad()
+    def init_weights_(self, seed=None):
+        """Init for training from scratch: N(0, 0.02) weights, zero biases, LayerNorm ones/zeros."""
+        if self.lm_head.weight.is_meta:  # built on the meta device to be filled by a checkpoint
+            return
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, 0.02, generator=gen)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        return self
+
+    def reset_rope_(self):
+        """Recompute the rotary table (e.g. after the model was materialised from the meta device)."""
+        device = self.lm_head.weight.device
+        self.rope = rotary_table(self.config.n_positions, self.config.rotary_dim).to(device)
+        return self
+
+    def forward(self, input_ids):
+        """input_ids: (B, T) int64 -> logits (B, T, vocab) in the model's dtype."""
+        B, T = input_ids.shape
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds n_positions {self.config.n_positions}")
+        x = self.transformer.wte(input_ids)
+        cos, sin = self.rope[:, :T].to(x.dtype)
+        for block in self.transformer.h:
+            x = block(x, cos, sin)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x)

@@ -1,0 +1,136 @@
+"""Read and write Hugging Face style GPT-J checkpoint directories.
+
+A directory holds config.json plus weights in one of the layouts below. The same
+layout (config.json + model.safetensors) is the pipeline's own model artifact format.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import WEIGHT_FILES, CheckpointError, checkpoint_config, checkpoint_dir
+from .gptj import GPTJ
+
+def _read_weight_file(file):
+    """Load one .safetensors or .bin file into a dict name -> CPU tensor."""
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(file, device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+    try:
+        # weights_only: never unpickle arbitrary objects from a checkpoint
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot load as a weights-only PyTorch state dict ({e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensor names to tensors")
+    return sd
+
+
+def _shard_files(index_file):
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_file}: not a valid shard index with a 'weight_map' ({e!r})") from None
+    files = []
+    for shard in shards:
+        file = index_file.parent / shard
+        if not file.is_file():
+            raise CheckpointError(f"{index_file}: shard '{shard}' listed in weight_map does not exist")
+        files.append(file)
+    return files
+
+
+def _load_weights(path):
+    """Returns (state_dict, weights_file, origin) where origin maps each key to the file it came from."""
+    for name in WEIGHT_FILES:
+        weights_file = path / name
+        if weights_file.is_file():
+            break
+    else:
+        raise CheckpointError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+    files = _shard_files(weights_file) if name.endswith(".index.json") else [weights_file]
+    sd, origin = {}, {}
+    for file in files:
+        for key, tensor in _read_weight_file(file).items():
+            # old HF GPT-J checkpoints store the causal mask as buffers; we build it on the fly
+            if key.endswith(".attn.bias") or key.endswith(".attn.masked_bias"):
+                continue
+            sd[key] = tensor
+            origin[key] = file
+    return sd, weights_file, origin
+
+
+def load_state_dict_from_dir(path):
+    """Read the weights of a Hugging Face style model directory into a dict name -> CPU tensor."""
+    sd, _, _ = _load_weights(checkpoint_dir(path))
+    return sd
+
+
+def from_pretrained(path, dtype=torch.float32):
+    """Load a GPT-J model from a Hugging Face style directory (config.json + weights).
+
+    dtype: floating-point tensors are converted to it; None keeps the stored dtypes.
+    """
+    path = checkpoint_dir(path)
+    config, hf_config = checkpoint_config(path, with_raw=True)
+    config_file = path / "config.json"
+
+    sd, weights_file, origin = _load_weights(path)
+    if "lm_head.weight" not in sd and hf_config.get("tie_word_embeddings") and "transformer.wte.weight" in sd:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
+        origin["lm_head.weight"] = origin["transformer.wte.weight"]
+
+    # build without allocating memory; the checkpoint tensors become the parameters
+    with torch.device("meta"):
+        model = GPTJ(config)
+    expected = model.state_dict()
+
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{weights_file}: missing tensor '{missing[0]}'{more} required by {config_file}")
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        key = unexpected[0]
+        raise CheckpointError(f"{origin[key]}: unexpected tensor '{key}', not part of a GPT-J model")
+    for key in expected:  # model order, so the first bad tensor reported is the earliest in the network
+        tensor = sd[key]
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{origin[key]}: tensor '{key}' has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[key].shape)} from {config_file}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{origin[key]}: tensor '{key}' has dtype {tensor.dtype}, expected a floating-point type")
+        if dtype is not None:
+            sd[key] = tensor.to(dtype)
+
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.reset_rope_()
+    return model.eval()
+
+
+def save_pretrained(model, path, dtype=None):
+    """Write config.json and model.safetensors (HF names). dtype: convert weights to it; None keeps them."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, storages = {}, set()
+    for key, t in model.state_dict().items():
+        t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+        # safetensors refuses tensors that share memory (e.g. tied weights)
+        if t.untyped_storage().data_ptr() in storages:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+    hf_config = model.config.to_hf_dict()
+    hf_config["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -1,0 +1,68 @@
+"""``python -m pipeline.status [--json] [luigi overrides]``: is every stage of the current graph
+up to date, and if not, why.
+
+The current graph comes from the Luigi tasks (luigi.cfg and the same ``--Task-param`` overrides
+the ``luigi`` command takes); this module only compares it with the store.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from pipeline.artifacts import CorruptArtifact, StageSpec, Store, describe_changes
+
+
+def current_specs(overrides: list[str]) -> list[StageSpec]:
+    """The specs of every stage the targets of ``tasks`` need, with luigi.cfg and ``overrides``
+    applied as the ``luigi`` command would."""
+    from luigi.cmdline_parser import CmdlineParser
+
+    tasks = importlib.import_module("tasks")
+    from tasks.stage import graph
+
+    root = tasks.TARGETS[-1].__name__
+    with CmdlineParser.global_instance([root, *overrides]):
+        return [t.spec() for t in graph([cls() for cls in tasks.TARGETS])]
+
+
+def stage_status(spec: StageSpec, store: Store) -> dict:
+    entry = {"stage": spec.stage, "version": spec.version, "state": "up-to-date", "reasons": []}
+    try:
+        if store.get(spec.stage, spec.version) is not None:
+            return entry
+    except CorruptArtifact as e:
+        return {**entry, "state": "stale", "reasons": [str(e)]}
+    published = store.versions(spec.stage)
+    if not published:
+        return {**entry, "state": "missing", "reasons": ["never built"]}
+    latest = published[-1]
+    return {**entry, "state": "stale", "reasons": describe_changes(spec, latest.manifest),
+            "compared_with": latest.version}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.status", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="one JSON object per stage")
+    args, overrides = p.parse_known_args(argv)
+    try:
+        specs = current_specs(overrides)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    store = Store()
+    entries = [stage_status(s, store) for s in specs]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    print(f"artifacts: {store.root}")
+    for e in entries:
+        print(f"{e['stage']:<16} {e['state']:<11} {e['version']}")
+        for reason in e["reasons"]:
+            print(f"{'':<16} - {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""BaseModel: pretrain a preset from scratch on the Corpus (under torchrun), or import a checkpoint."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import luigi
+
+from pipeline.artifacts import content_hash
+from tasks.corpus import Corpus
+from tasks.stage import Stage, pipeline_settings, run_logged
+
+TRAINING = ("steps", "batch_size", "grad_accum", "seq_len", "start_lr", "warmup", "weight_decay", "seed")
+
+
+class BaseModel(Stage):
+    steps = luigi.IntParameter(default=600)
+    batch_size = luigi.IntParameter(default=16, description="global batch in sequences")
+    grad_accum = luigi.IntParameter(default=1)
+    seq_len = luigi.IntParameter(default=128)
+    start_lr = luigi.FloatParameter(default=2e-3)
+    warmup = luigi.IntParameter(default=30)
+    weight_decay = luigi.FloatParameter(default=0.1)
+    seed = luigi.IntParameter(default=0)
+    eval_tokens = luigi.IntParameter(default=65536, description="held-out tokens for perplexity (0: all)")
+    log_interval = luigi.IntParameter(default=10)
+    save_interval = luigi.IntParameter(default=50, description="steps between resumable checkpoints")
+
+    def upstream(self):
+        return {"Corpus": Corpus()}
+
+    def effective_params(self) -> dict:
+        from pipeline.models.presets import get_preset
+
+        settings = pipeline_settings()
+        get_preset(settings.model)
+        params = {"model": settings.model, "eval_tokens": self.eval_tokens, "seq_len": self.seq_len}
+        if settings.checkpoint:
+            from pipeline.models.config import checkpoint_config
+
+            checkpoint_config(settings.checkpoint)
+            params["checkpoint_sha256"] = content_hash(settings.checkpoint)
+            return params
+        for name in TRAINING:
+            value = getattr(self, name)
+            if isinstance(value, int) and name != "seed" and value <= 0:
+                raise ValueError(f"BaseModel {name} is {value}, expected a positive integer")
+            params[name] = value
+        params["world_size"] = settings.nproc_per_node * settings.nnodes
+        return params
+
+    def build(self, build, inputs) -> None:
+        from pipeline import train
+        from pipeline.data import load_tokens
+        from pipeline.evaluate import perplexity
+        from pipeline.models import from_pretrained, save_pretrained
+
+        settings = pipeline_settings()
+        corpus = inputs["Corpus"]
+        if settings.checkpoint:
+            with build.timed("import"):
+                save_pretrained(from_pretrained(settings.checkpoint), build.path)
+            build.extra["source"] = {"checkpoint": str(settings.checkpoint)}
+        else:
+            args = ["--save-dir", str(build.path), "--model", settings.model, "--data", str(corpus.path),
+                    "--log-interval", str(self.log_interval), "--save-interval", str(self.save_interval)]
+            for name in TRAINING:
+                args += ["--" + name.replace("_", "-"), str(getattr(self, name))]
+            cmd = train.torchrun_command(args, settings.nproc_per_node, settings.nnodes, settings.rdzv_endpoint)
+            with build.timed("train"):
+                run_logged(cmd, build.path / "train.log")
+            log = json.loads((build.path / train.TRAIN_LOG).read_text())
+            build.metrics.update({
+                "tokens_seen": log["tokens_seen"], "train_wall_time_s": log["wall_time_s"],
+                "final_train_loss": log["loss"][-1][1],
+                "loss_curve": [p for p in log["loss"] if p[0] % self.log_interval == 0 or p[0] == self.steps],
+            })
+        shutil.copyfile(corpus.file("tokenizer.json"), build.path / "tokenizer.json")
+        with build.timed("evaluate"):
+            model = from_pretrained(build.path)
+            result = perplexity(model, load_tokens(corpus.file("valid.npy")), self.seq_len,
+                                max_tokens=self.eval_tokens, desc="valid perplexity")
+        build.metrics.update({"valid_loss": round(result["loss"], 5), "valid_perplexity": round(result["perplexity"], 4),
+                              "valid_tokens": result["tokens"],
+                              "parameters": sum(p.numel() for p in model.parameters())})

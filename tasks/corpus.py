@@ -1,0 +1,67 @@
+"""Corpus: text files -> tokenizer.json + train/valid token arrays."""
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import luigi
+
+from pipeline import data
+from pipeline.artifacts import sha256_file
+from tasks.stage import Stage, pipeline_settings
+
+
+def checkpoint_tokenizer(checkpoint: str) -> Path:
+    path = Path(checkpoint) / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"CHECKPOINT {checkpoint}: {path} is missing; a GPT-J checkpoint must bring "
+                         f"its tokenizer as tokenizer.json")
+    return path
+
+
+class Corpus(Stage):
+    files = luigi.Parameter(default="", description="glob of text files; empty: the interpreter's standard library")
+    valid_fraction = luigi.FloatParameter(default=0.05, description="share of files held out for validation")
+    max_bytes = luigi.IntParameter(default=0, description="stop reading each split after this many characters (0: all)")
+
+    def effective_params(self) -> dict:
+        from pipeline.models.presets import get_preset
+
+        if not 0 < self.valid_fraction < 1:
+            raise ValueError(f"Corpus valid_fraction is {self.valid_fraction}, expected a number between 0 and 1")
+        root, files = data.discover(self.files)
+        params = {"files": self.files, "valid_fraction": self.valid_fraction, "max_bytes": self.max_bytes,
+                  "file_list": data.file_list_hash(root, files)}
+        if not self.files:
+            params["python"] = platform.python_version()
+        checkpoint = pipeline_settings().checkpoint
+        if checkpoint:
+            params["tokenizer_sha256"] = sha256_file(checkpoint_tokenizer(checkpoint))
+        else:
+            params["vocab_size"] = get_preset(pipeline_settings().model).vocab_size
+        return params
+
+    def build(self, build, inputs) -> None:
+        root, files = data.discover(self.files)
+        train, valid = data.split(root, files, self.valid_fraction)
+        tok_path = build.path / "tokenizer.json"
+        with build.timed("tokenizer"):
+            if "vocab_size" in self.spec().params:
+                data.train_tokenizer(train, self.spec().params["vocab_size"], self.max_bytes).save(str(tok_path))
+            else:
+                shutil.copyfile(checkpoint_tokenizer(pipeline_settings().checkpoint), tok_path)
+        tokenizer = data.load_tokenizer(tok_path)
+        with build.timed("tokenize"):
+            n_train = data.tokenize_to_npy(tokenizer, train, build.path / "train.npy", self.max_bytes, "train split")
+            n_valid = data.tokenize_to_npy(tokenizer, valid, build.path / "valid.npy", self.max_bytes, "valid split")
+        data.write_json(build.path / "files.json", {"root": str(root),
+                                                    "train": [str(p.relative_to(root)) for p in train],
+                                                    "valid": [str(p.relative_to(root)) for p in valid]})
+        build.metrics.update({
+            "files_train": len(train), "files_valid": len(valid),
+            "tokens_train": n_train, "tokens_valid": n_valid,
+            "vocab_size": tokenizer.get_vocab_size(),
+            "token_dtype": str(data.token_dtype(tokenizer.get_vocab_size())),
+            "python": platform.python_version(), "file_list": self.spec().params["file_list"],
+        })

@@ -1,0 +1,129 @@
+"""The Luigi side of the artifact store: a Stage is complete when its current version exists.
+
+A stage declares its upstream stages, its effective parameters and how to build; this base
+class turns that into a version, a Luigi output and an atomic publish.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+import luigi
+
+from pipeline.artifacts import Artifact, Build, StageSpec, Store, code_files
+
+logger = logging.getLogger("luigi-interface")
+
+
+class pipeline_settings(luigi.Config):
+    """The ``[pipeline]`` section: which model, which checkpoint, how many processes."""
+
+    @classmethod
+    def get_task_family(cls):
+        return "pipeline"
+
+    model = luigi.Parameter(default="gpt-j-tiny", description="model preset (gpt-j, gpt-j-tiny, gpt-j-smoke)")
+    checkpoint = luigi.Parameter(default="", description="Hugging Face GPT-J directory to import instead of pretraining")
+    nproc_per_node = luigi.IntParameter(default=1, description="torchrun processes per node")
+    nnodes = luigi.IntParameter(default=1, description="torchrun nodes")
+    rdzv_endpoint = luigi.Parameter(default="", description="torchrun rendezvous host:port when nnodes > 1")
+
+
+@functools.lru_cache(maxsize=None)
+def _code(module: str, exclude: tuple[str, ...]) -> dict:
+    return code_files([module], exclude)
+
+
+class Stage(luigi.Task):
+    """Base of every pipeline stage. Subclasses implement ``effective_params`` and ``build``,
+    and ``upstream`` when they consume other stages."""
+
+    def upstream(self) -> dict[str, "Stage"]:
+        return {}
+
+    def effective_params(self) -> dict:
+        raise NotImplementedError
+
+    def build(self, build: Build, inputs: dict[str, Artifact]) -> None:
+        raise NotImplementedError
+
+    @property
+    def stage_name(self) -> str:
+        return self.get_task_family()
+
+    def spec(self) -> StageSpec:
+        if getattr(self, "_spec", None) is None:
+            ups = self.upstream()
+            exclude = tuple(sorted(type(t).__module__ for t in ups.values()))
+            self._spec = StageSpec(stage=self.stage_name, params=self.effective_params(),
+                                   upstream={name: t.version for name, t in sorted(ups.items())},
+                                   code=_code(type(self).__module__, exclude))
+        return self._spec
+
+    @property
+    def version(self) -> str:
+        return self.spec().version
+
+    def requires(self):
+        return self.upstream()
+
+    def output(self):
+        return luigi.LocalTarget(str(Store().manifest_path(self.stage_name, self.version)))
+
+    def run(self):
+        store = Store()
+        inputs = {}
+        for name, task in self.upstream().items():
+            artifact = store.get(task.stage_name, task.version)
+            if artifact is None:
+                raise RuntimeError(f"upstream {task.stage_name} {task.version} is not published")
+            inputs[name] = artifact
+        with store.publishing(self.spec()) as build:
+            handler = logging.FileHandler(build.path / "stage.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logger.addHandler(handler)
+            try:
+                logger.info("%s %s: building in %s", self.stage_name, self.version, build.path)
+                self.build(build, inputs)
+            finally:
+                logger.removeHandler(handler)
+                handler.close()
+        logger.info("%s %s: published with metrics %s", self.stage_name, self.version,
+                    {k: v for k, v in build.metrics.items() if not isinstance(v, (list, dict))})
+
+
+def run_logged(cmd: list[str], log_path: Path, cwd: Path | None = None) -> None:
+    """Run ``cmd``, streaming its output to the console and to ``log_path``; raise with the tail of
+    the output when it fails."""
+    tail: deque[str] = deque(maxlen=20)
+    logger.info("running: %s", " ".join(cmd))
+    with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, cwd=cwd, bufsize=1) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            tail.append(line)
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"command failed with exit code {code}: {' '.join(cmd)}\n" + "".join(tail))
+
+
+def graph(targets: list[Stage]) -> list[Stage]:
+    """Every stage the targets need, upstream first, each once."""
+    order: list[Stage] = []
+    seen: set[str] = set()
+
+    def visit(task: Stage):
+        for t in task.upstream().values():
+            visit(t)
+        if task.task_id not in seen:
+            seen.add(task.task_id)
+            order.append(task)
+
+    for target in targets:
+        visit(target)
+    return order
