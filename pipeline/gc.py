@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     store = Store()
     doomed = unreachable(store, {(s.stage, s.version) for s in specs})
+    locks = [p for p in doomed if p.name.startswith(".lock-")]
+    doomed = [p for p in doomed if p not in locks]
+    if not args.dry_run:
+        for lock in locks:
+            lock.unlink()
     total = 0
     for path in doomed:
         size = size_of(path)

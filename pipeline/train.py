@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     start = time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", disable=rank != 0, file=sys.stdout)
+    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", disable=rank != 0, file=sys.stdout,
+               mininterval=0.5 if sys.stdout.isatty() else 30)
     while step < args.steps:
         lr = lr_at(step, args.start_lr, args.warmup, args.steps)
         for group in optimizer.param_groups:

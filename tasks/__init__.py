@@ -1,9 +1,11 @@
 """Luigi tasks, one module per stage: ``luigi --module tasks BaseModel``."""
-from tasks.stage import Stage, pipeline_settings
+from tasks.stage import Stage, check_config, pipeline_settings
 from tasks.corpus import Corpus
 from tasks.base_model import BaseModel
 
 # The stages whose upstream closure is "the whole current graph" (status, gc, the no-op bench).
 TARGETS = (BaseModel,)
+
+check_config([pipeline_settings, Corpus, BaseModel])
 
 __all__ = ["Stage", "pipeline_settings", "Corpus", "BaseModel", "TARGETS"]

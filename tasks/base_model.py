@@ -14,12 +14,12 @@ TRAINING = ("steps", "batch_size", "grad_accum", "seq_len", "start_lr", "warmup"
 
 
 class BaseModel(Stage):
-    steps = luigi.IntParameter(default=600)
+    steps = luigi.IntParameter(default=1400)
     batch_size = luigi.IntParameter(default=16, description="global batch in sequences")
     grad_accum = luigi.IntParameter(default=1)
     seq_len = luigi.IntParameter(default=128)
     start_lr = luigi.FloatParameter(default=2e-3)
-    warmup = luigi.IntParameter(default=30)
+    warmup = luigi.IntParameter(default=50)
     weight_decay = luigi.FloatParameter(default=0.1)
     seed = luigi.IntParameter(default=0)
     eval_tokens = luigi.IntParameter(default=65536, description="held-out tokens for perplexity (0: all)")
@@ -35,11 +35,9 @@ class BaseModel(Stage):
         settings = pipeline_settings()
         get_preset(settings.model)
         params = {"model": settings.model, "eval_tokens": self.eval_tokens, "seq_len": self.seq_len}
-        if settings.checkpoint:
-            from pipeline.models.config import checkpoint_config
-
-            checkpoint_config(settings.checkpoint)
-            params["checkpoint_sha256"] = content_hash(settings.checkpoint)
+        checkpoint = settings.checkpoint_dir()
+        if checkpoint:
+            params["checkpoint_sha256"] = content_hash(checkpoint)
             return params
         for name in TRAINING:
             value = getattr(self, name)
@@ -50,17 +48,22 @@ class BaseModel(Stage):
         return params
 
     def build(self, build, inputs) -> None:
-        from pipeline import train
-        from pipeline.data import load_tokens
+        from pipeline import data, train
         from pipeline.evaluate import perplexity
         from pipeline.models import from_pretrained, save_pretrained
 
         settings = pipeline_settings()
         corpus = inputs["Corpus"]
-        if settings.checkpoint:
+        checkpoint = settings.checkpoint_dir()
+        if checkpoint:
             with build.timed("import"):
-                save_pretrained(from_pretrained(settings.checkpoint), build.path)
-            build.extra["source"] = {"checkpoint": str(settings.checkpoint)}
+                model = from_pretrained(checkpoint)
+                vocab = data.load_tokenizer(corpus.file("tokenizer.json")).get_vocab_size()
+                if vocab > model.config.vocab_size:
+                    raise ValueError(f"CHECKPOINT {checkpoint}: tokenizer.json has {vocab} tokens but config.json "
+                                     f"field 'vocab_size' is {model.config.vocab_size}")
+                save_pretrained(model, build.path)
+            build.extra["source"] = {"checkpoint": str(checkpoint)}
         else:
             args = ["--save-dir", str(build.path), "--model", settings.model, "--data", str(corpus.path),
                     "--log-interval", str(self.log_interval), "--save-interval", str(self.save_interval)]
@@ -78,7 +81,7 @@ class BaseModel(Stage):
         shutil.copyfile(corpus.file("tokenizer.json"), build.path / "tokenizer.json")
         with build.timed("evaluate"):
             model = from_pretrained(build.path)
-            result = perplexity(model, load_tokens(corpus.file("valid.npy")), self.seq_len,
+            result = perplexity(model, data.load_tokens(corpus.file("valid.npy")), self.seq_len,
                                 max_tokens=self.eval_tokens, desc="valid perplexity")
         build.metrics.update({"valid_loss": round(result["loss"], 5), "valid_perplexity": round(result["perplexity"], 4),
                               "valid_tokens": result["tokens"],

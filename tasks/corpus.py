@@ -12,8 +12,8 @@ from pipeline.artifacts import sha256_file
 from tasks.stage import Stage, pipeline_settings
 
 
-def checkpoint_tokenizer(checkpoint: str) -> Path:
-    path = Path(checkpoint) / "tokenizer.json"
+def checkpoint_tokenizer(checkpoint: Path) -> Path:
+    path = checkpoint / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"CHECKPOINT {checkpoint}: {path} is missing; a GPT-J checkpoint must bring "
                          f"its tokenizer as tokenizer.json")
@@ -35,7 +35,7 @@ class Corpus(Stage):
                   "file_list": data.file_list_hash(root, files)}
         if not self.files:
             params["python"] = platform.python_version()
-        checkpoint = pipeline_settings().checkpoint
+        checkpoint = pipeline_settings().checkpoint_dir()
         if checkpoint:
             params["tokenizer_sha256"] = sha256_file(checkpoint_tokenizer(checkpoint))
         else:
@@ -50,7 +50,7 @@ class Corpus(Stage):
             if "vocab_size" in self.spec().params:
                 data.train_tokenizer(train, self.spec().params["vocab_size"], self.max_bytes).save(str(tok_path))
             else:
-                shutil.copyfile(checkpoint_tokenizer(pipeline_settings().checkpoint), tok_path)
+                shutil.copyfile(checkpoint_tokenizer(pipeline_settings().checkpoint_dir()), tok_path)
         tokenizer = data.load_tokenizer(tok_path)
         with build.timed("tokenize"):
             n_train = data.tokenize_to_npy(tokenizer, train, build.path / "train.npy", self.max_bytes, "train split")

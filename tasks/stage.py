@@ -32,6 +32,15 @@ class pipeline_settings(luigi.Config):
     nnodes = luigi.IntParameter(default=1, description="torchrun nodes")
     rdzv_endpoint = luigi.Parameter(default="", description="torchrun rendezvous host:port when nnodes > 1")
 
+    def checkpoint_dir(self) -> Path | None:
+        """The checkpoint directory, validated (it exists and holds a GPT-J config and weights), or None."""
+        if not self.checkpoint:
+            return None
+        from pipeline.models.config import checkpoint_config
+
+        checkpoint_config(self.checkpoint)
+        return Path(self.checkpoint).resolve()
+
 
 @functools.lru_cache(maxsize=None)
 def _code(module: str, exclude: tuple[str, ...]) -> dict:
@@ -71,6 +80,13 @@ class Stage(luigi.Task):
     def requires(self):
         return self.upstream()
 
+    def complete(self):
+        try:
+            return super().complete()
+        except (ValueError, OSError) as e:  # bad parameters or inputs, found while computing the version
+            _report(self, e)
+            raise
+
     def output(self):
         return luigi.LocalTarget(str(Store().manifest_path(self.stage_name, self.version)))
 
@@ -94,6 +110,36 @@ class Stage(luigi.Task):
                 handler.close()
         logger.info("%s %s: published with metrics %s", self.stage_name, self.version,
                     {k: v for k, v in build.metrics.items() if not isinstance(v, (list, dict))})
+
+
+def _report(task, exception) -> None:
+    # Luigi logs a traceback; this is the one sentence a user needs, printed where it is seen.
+    print(f"error: {task.get_task_family()}: {exception}", file=sys.stderr, flush=True)
+
+
+Stage.event_handler(luigi.Event.FAILURE)(_report)
+
+
+_KINDS = {luigi.IntParameter: "an integer", luigi.FloatParameter: "a number", luigi.BoolParameter: "true or false"}
+
+
+def check_config(classes) -> None:
+    """Exit with one sentence when the configuration holds a value of the wrong type for a
+    parameter of ``classes`` (Luigi would otherwise fail later with a bare ``int()`` error)."""
+    conf = luigi.configuration.get_config()
+    for cls in classes:
+        section = cls.get_task_family()
+        for name, param in cls.get_params():
+            if not conf.has_option(section, name):
+                continue
+            raw = conf.get(section, name)
+            try:
+                param.parse(raw)
+            except (ValueError, TypeError):
+                kind = next((k for t, k in _KINDS.items() if isinstance(param, t)), "a valid value")
+                files = ", ".join(str(p) for p in conf._config_paths if Path(p).is_file())
+                raise SystemExit(f"error: the Luigi configuration ({files}) sets [{section}] {name} = {raw!r}; "
+                                 f"expected {kind}") from None
 
 
 def run_logged(cmd: list[str], log_path: Path, cwd: Path | None = None) -> None:
