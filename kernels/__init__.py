@@ -4,5 +4,7 @@ cpm_kernels is imported lazily: it raises at import time on machines without a w
 driver (and needs setuptools<82 for pkg_resources), so nothing here imports it at module load.
 """
 from kernels.backend import cpm_kernels_status
+from kernels.gemm import bmm, linear
+from kernels.int8 import BACKENDS, int8_backend
 
-__all__ = ["cpm_kernels_status"]
+__all__ = ["bmm", "linear", "int8_backend", "BACKENDS", "cpm_kernels_status"]

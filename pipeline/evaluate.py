@@ -10,15 +10,15 @@ from tqdm import tqdm
 
 
 def windows(tokens: np.ndarray, seq_len: int, max_tokens: int = 0) -> np.ndarray:
-    """Consecutive non-overlapping windows of ``seq_len + 1`` tokens (input plus shifted target),
-    taken from the start of ``tokens``, covering at most ``max_tokens`` targets (0: all)."""
-    n = (len(tokens) - 1) // seq_len
-    if max_tokens:
-        n = min(n, max(1, max_tokens // seq_len))
-    if n < 1:
+    """Non-overlapping windows of ``seq_len + 1`` tokens (input plus shifted target). All of them,
+    or with ``max_tokens`` that many targets' worth spread evenly over the whole split (so one
+    large file at its start cannot dominate)."""
+    total = (len(tokens) - 1) // seq_len
+    if total < 1:
         raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    return np.asarray(tokens[: n * seq_len + 1])[idx].astype(np.int64)
+    n = min(total, max(1, max_tokens // seq_len)) if max_tokens else total
+    starts = (np.arange(n) * total // n) * seq_len
+    return np.stack([np.asarray(tokens[s:s + seq_len + 1]) for s in starts]).astype(np.int64)
 
 
 @torch.no_grad()

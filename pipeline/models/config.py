@@ -123,7 +123,7 @@ def checkpoint_dir(path) -> Path:
     return path
 
 
-def checkpoint_config(path, with_raw=False):
+def checkpoint_config(path, with_raw=False, weight_files=WEIGHT_FILES):
     """The GPTJConfig of a checkpoint directory, validated without loading any weights (or torch)."""
     path = checkpoint_dir(path)
     config_file = path / "config.json"
@@ -134,6 +134,6 @@ def checkpoint_config(path, with_raw=False):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
     config = GPTJConfig.from_hf_dict(raw, source=str(config_file))
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+    if not any((path / name).is_file() for name in weight_files):
+        raise CheckpointError(f"{path}: no weights found (looked for {', '.join(weight_files)})")
     return (config, raw) if with_raw else config

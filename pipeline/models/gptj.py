@@ -8,19 +8,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 from .config import GPTJConfig
 
 
 class Linear(nn.Linear):
-    # Flipped by the int8 quantisation feature; a class attribute so it can be set per instance or globally.
+    # BMQuant.quantize flips this per instance: the layer then runs the int8 GEMM (quantization-aware).
     int8 = False
 
     def forward(self, x):
-        if self.int8:
-            raise NotImplementedError(
-                "int8 linear layers need the int8 kernel layer (kernels.bmm), which is not built yet"
-            )
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias, int8=self.int8)
 
 
 def rotary_table(n_positions, rotary_dim, base=10000.0):

@@ -1,0 +1,212 @@
+"""The int8 GEMM of ``cpm_kernels.torch.bmm(A, aT, B, bT, int8=True)`` on every device.
+
+The arithmetic follows ../shared/reference/int8-gemm-spec.md (read from cpm_kernels 1.0.11):
+
+* scales are reduced over K whatever the layout: ``sA[b, m] = fp16(max_k |A_op| / 127)`` per
+  row of A_op and ``sB[b, n] = fp16(max_k |B_op| / 127)`` per column of B_op; NaN is ignored by
+  the max;
+* ``q = round_half_even(fp32(x) / fp32(s))``, **clamped to [-127, 127]** (the one deliberate
+  deviation: cpm_kernels wraps to the low byte and flips signs for rows whose fp16 scale is
+  subnormal); a zero scale (an all-zero row) gives q = 0; NaN entries quantize to 0;
+* exact integer accumulation, then ``C = fp16((fp32(acc) * fp32(sA[m])) * fp32(sB[n]))``;
+* backward: a straight-through estimator that quantizes the gradient per row (for A) or per
+  column (for B) after multiplying it by the other operand's scales, see ``_Int8BMM.backward``.
+
+A row of A_op (column of B_op) holding +-inf has an infinite scale; its finite entries quantize to
+0 and its outputs come out NaN or inf, as in fp16 arithmetic.
+
+Integer products run on one of these backends (``int8_backend()`` reports the automatic choice):
+
+* ``cpm_kernels``: the original CUDA kernels, on the GPUs its wheel was built for;
+* ``cuda``: ``torch._int_mm`` (cuBLASLt int8) on other GPUs (Hopper);
+* ``cpu-exact``: float64 matmul of the int8 values, exact below 2**53 (reference tests);
+* ``cpu-fast``: ``torch._int_mm`` on CPU (oneDNN; exact int32 accumulation, as on the GPU).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kernels.backend import cpm_kernels_status
+
+BACKENDS = ("cpm_kernels", "cuda", "cpu-exact", "cpu-fast")
+INT8_MAX = 127
+
+
+@functools.lru_cache(maxsize=None)
+def int8_backend(device_type: str = "cpu") -> str:
+    """The backend ``bmm(..., int8=True)`` uses for tensors on ``device_type``."""
+    if device_type == "cuda":
+        return "cpm_kernels" if cpm_kernels_status()[0] else "cuda"
+    return "cpu-fast"
+
+
+CHUNK = 1 << 18  # elements per chunk of the cache-blocked quantizer (1 MiB of fp32)
+
+
+def absmax_scale(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """fp16(fp32(max |x|) / 127) along ``dim`` (kept), ignoring NaN."""
+    a = torch.linalg.vector_norm(x, float("inf"), dim=dim, keepdim=True).float()  # one pass, exact
+    if torch.isnan(a).any():  # rare: recompute with NaN counted as 0
+        a = torch.where(torch.isnan(x), torch.zeros_like(x), x).abs().amax(dim=dim, keepdim=True).float()
+    return (a / INT8_MAX).half()
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round_half_even(fp32(x) / fp32(scale)) clamped to +-127, as int8; 0 where the scale is 0
+    and for NaN entries."""
+    return _quantize_into(x, scale, torch.empty(x.shape, dtype=torch.float32, device=x.device))
+
+
+def _quantize_into(x: torch.Tensor, scale: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    s = scale.float()
+    s = torch.where(s == 0, torch.full_like(s, float("inf")), s)  # x / inf = 0 for finite x
+    torch.div(x, s, out=buf)
+    buf.round_()
+    if _has_nan(buf):
+        buf.nan_to_num_(nan=0.0)
+    return buf.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def scale_and_quantize(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absmax_scale(x, dim), quantize(x, scale)) in one read of ``x`` where the reduction runs
+    along contiguous memory: row blocks small enough to stay in cache are scaled and quantized
+    in turn. Elementwise, so the result is identical to the two calls; for a weight it is about
+    three times faster on CPU than whole-tensor passes, which are memory-bound."""
+    if x.device.type != "cpu" or dim != x.dim() - 1 or not x.is_contiguous() or x.numel() <= CHUNK:
+        scale = absmax_scale(x, dim)
+        return scale, quantize(x, scale)
+    flat = x.view(-1, x.shape[-1])
+    rows = max(1, CHUNK // flat.shape[1])
+    q = torch.empty(flat.shape, dtype=torch.int8)
+    scale = torch.empty(flat.shape[0], 1, dtype=torch.float16)
+    buf = torch.empty(rows, flat.shape[1])
+    for i in range(0, flat.shape[0], rows):
+        block = flat[i:i + rows]
+        scale[i:i + rows] = absmax_scale(block, 1)
+        q[i:i + rows] = _quantize_into(block, scale[i:i + rows], buf[:len(block)])
+    return scale.view(*x.shape[:-1], 1), q.view(x.shape)
+
+
+def _has_nan(q: torch.Tensor) -> bool:
+    # a NaN entry of x survives the division and rounding; max() propagates it, in one pass
+    return bool(torch.isnan(q.amax()))
+
+
+def int_matmul(qa: torch.Tensor, qb: torch.Tensor, backend: str) -> torch.Tensor:
+    """Exact integer product of int8 tensors (b, M, K) @ (b, K, N), broadcasting a batch of 1:
+    int32 from the int8 GEMM, or fp32 from the float64 reference (the spec's ``fp32(acc)``)."""
+    if backend == "cpu-exact" or not _int_mm_fits(qa, qb):
+        return torch.matmul(qa.double(), qb.double()).float()
+    cuda = qa.device.type == "cuda"
+
+    def mm(a, b):  # oneDNN on CPU takes strided operands as they are; cuBLASLt wants them dense
+        return torch._int_mm(a.contiguous(), b.contiguous()) if cuda else torch._int_mm(a, b)
+
+    m, n = qa.shape[1], qb.shape[2]
+    if qb.shape[0] == 1:  # one B for the whole batch (a weight): fold the batch into M, one GEMM
+        return mm(qa.reshape(-1, qa.shape[2]), qb[0]).view(qa.shape[0], m, n)
+    qa = qa.expand(qb.shape[0], -1, -1)
+    return torch.stack([mm(qa[i], qb[i]) for i in range(qb.shape[0])])
+
+
+def _int_mm_fits(qa: torch.Tensor, qb: torch.Tensor) -> bool:
+    # cuBLASLt's int8 GEMM wants M > 16 and K, N multiples of 8; the CPU kernel takes any shape
+    if qa.device.type != "cuda":
+        return True
+    rows = qa.shape[0] * qa.shape[1] if qb.shape[0] == 1 else qa.shape[1]
+    return rows > 16 and qa.shape[2] % 8 == 0 and qb.shape[2] % 8 == 0
+
+
+def rescale(acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """fp16((fp32(acc) * fp32(row)) * fp32(col)): two fp32 multiplies in that order, one rounding.
+    (An int32 ``acc`` is promoted to fp32 inside the first multiply.)"""
+    return ((acc * row.float()) * col.float()).half()
+
+
+def _scaled(acc: torch.Tensor, s: torch.Tensor, keep_fp32: bool) -> torch.Tensor:
+    """fp16(fp32(acc) * fp32(fp16(s))): the gradients' single rescale. With ``keep_fp32`` (the
+    cpu-fast path, for fp32 operands not summed over a broadcast batch) the final fp16 rounding is
+    skipped: the gradient then
+    differs from the spec's by at most one fp16 rounding (relative 2**-11), and for a weight
+    it saves two full passes over the weight's size."""
+    s = s.half().float()
+    if not keep_fp32:
+        return (acc * s).half()
+    if acc.device.type != "cpu" or acc.numel() <= CHUNK or s.shape[-1] != 1 or not acc.is_contiguous():
+        return acc * s
+    # per-row scale of a large weight gradient: row blocks, as in scale_and_quantize
+    out = torch.empty(acc.shape, dtype=torch.float32)
+    flat, s_flat, out_flat = acc.view(-1, acc.shape[-1]), s.expand(*acc.shape[:-1], 1).reshape(-1, 1), out.view(-1, acc.shape[-1])
+    rows = max(1, CHUNK // flat.shape[1])
+    for i in range(0, flat.shape[0], rows):
+        torch.mul(flat[i:i + rows], s_flat[i:i + rows], out=out_flat[i:i + rows])
+    return out
+
+
+def _quantize_grad(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row/column quantization of the fp32 gradient product ``t``: (qG as int8, s in fp32)."""
+    a = torch.linalg.vector_norm(t, float("inf"), dim=dim, keepdim=True)
+    if torch.isnan(a).any():
+        a = torch.where(torch.isnan(t), torch.zeros_like(t), t).abs().amax(dim=dim, keepdim=True)
+    s = a / INT8_MAX
+    q = t / torch.where(s == 0, torch.full_like(s, float("inf")), s)
+    q.round_()
+    if _has_nan(q):
+        q.nan_to_num_(nan=0.0)
+    return q.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), s
+
+
+def _reduce_to(grad: torch.Tensor, batch: int) -> torch.Tensor:
+    """Sum over the broadcast batch for an operand given with batch 1 (in fp32, then one rounding
+    back to the gradient's dtype)."""
+    if batch == 1 and grad.shape[0] > 1:
+        return grad.float().sum(0, keepdim=True).to(grad.dtype)
+    return grad
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)
+
+
+class _Int8BMM(torch.autograd.Function):
+    """Everything is computed in the operands' stored layouts (transposes are views), so that a
+    weight stored (out, in) is scaled, quantized and multiplied without being copied."""
+
+    @staticmethod
+    def forward(ctx, A, B, aT: bool, bT: bool, backend: str):
+        s_a, q_a = scale_and_quantize(A, dim=1 if aT else 2)  # per row of A_op, reduced over K
+        s_b, q_b = scale_and_quantize(B, dim=2 if bT else 1)  # per column of B_op; stored layouts
+        s_a, q_a = (_t(s_a), _t(q_a)) if aT else (s_a, q_a)  # -> op layouts: s_a (bA, M, 1)
+        s_b, q_b = (_t(s_b), _t(q_b)) if bT else (s_b, q_b)  # s_b (bB, 1, N)
+        out = rescale(int_matmul(q_a, q_b, backend), s_a, s_b)
+        ctx.save_for_backward(s_a, q_a, s_b, q_b)
+        ctx.meta = (aT, bT, backend, A.shape[0], B.shape[0], A.dtype, B.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        s_a, q_a, s_b, q_b = ctx.saved_tensors
+        aT, bT, backend, batch_a, batch_b, dtype_a, dtype_b = ctx.meta
+        g = grad.half().float()  # the spec's G is the fp16 gradient of C
+        grad_a = grad_b = None
+        batch = max(batch_a, batch_b)
+        # fp32 gradients keep fp32 on cpu-fast unless summed over a broadcast batch (rounded first)
+        wide_a, wide_b = (backend == "cpu-fast" and d == torch.float32 and not (n == 1 < batch)
+                          for d, n in ((dtype_a, batch_a), (dtype_b, batch_b)))
+        if ctx.needs_input_grad[0]:
+            q_g, s = _quantize_grad(g * s_b.float(), dim=2)  # per row m
+            if aT:  # stored (K, M) = q_b_op @ q_g^T, scaled per column m
+                g_a = _scaled(int_matmul(q_b, _t(q_g), backend), _t(s), wide_a)
+            else:
+                g_a = _scaled(int_matmul(q_g, _t(q_b), backend), s, wide_a)
+            grad_a = _reduce_to(g_a, batch_a).to(dtype_a)
+        if ctx.needs_input_grad[1]:
+            q_g, s = _quantize_grad(g * s_a.float(), dim=1)  # per column n
+            if bT:  # stored (N, K) = q_g^T @ q_a_op, scaled per row n
+                g_b = _scaled(int_matmul(_t(q_g), q_a, backend), _t(s), wide_b)
+            else:
+                g_b = _scaled(int_matmul(_t(q_a), q_g, backend), s, wide_b)
+            grad_b = _reduce_to(g_b, batch_b).to(dtype_b)
+        return grad_a, grad_b, None, None, None

@@ -1,0 +1,143 @@
+"""BMQuant: quantization-aware training with the int8 GEMM, and the real int8 model it exports.
+
+``BMQuant.quantize(model)`` flips the ``int8`` flag of every linear layer (or of those whose
+qualified name matches one of ``patterns``); training then runs the int8 forward and the
+straight-through int8 backward of ``kernels.bmm``. ``export_int8`` writes int8 weights with one
+fp16 scale per output row; ``load_int8`` gives back a model whose linear layers run a real int8
+kernel (``torch._int_mm`` via oneDNN on CPU, cuBLASLt on GPU).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from kernels.int8 import absmax_scale, int_matmul, int8_backend, quantize, rescale
+from pipeline.models.config import GPTJConfig, checkpoint_config
+from pipeline.models.gptj import GPTJ
+
+INT8_WEIGHTS = "model.int8.safetensors"
+FORMAT = "bmcook-pipeline-int8/1"
+
+
+class BMQuant:
+    @staticmethod
+    def quantize(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
+        """Switch linear layers to the int8 path; returns the names switched. ``patterns`` are
+        fnmatch patterns over qualified module names (default: every layer with an ``int8`` flag)."""
+        chosen = []
+        for name, module in model.named_modules():
+            if patterns is None:
+                if hasattr(module, "int8"):
+                    chosen.append((name, module))
+            elif any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                if not hasattr(module, "int8") or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                    raise ValueError(f"BMQuant.quantize: module '{name}' ({type(module).__name__}) is not a "
+                                     f"linear layer with a weight and an int8 flag, so it cannot run in int8")
+                chosen.append((name, module))
+        if not chosen:
+            raise ValueError(f"BMQuant.quantize: no linear layer matches {patterns or 'any name'}")
+        for _, module in chosen:
+            module.int8 = True
+        return [name for name, _ in chosen]
+
+
+class Int8Linear(nn.Module):
+    """Inference-only linear layer holding int8 weights with per-row fp16 scales.
+
+    On CPU the product runs in fbgemm's int8 GEMM on weights packed once at load time (dynamic
+    quantization: the activations are quantized per call, per tensor); on CUDA tokens are
+    quantized per row as in training and the product runs in cuBLASLt's int8 GEMM."""
+
+    def __init__(self, q_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("q_weight", q_weight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self._packed = None
+
+    def _fbgemm(self):
+        if self._packed is None:
+            with warnings.catch_warnings():  # quantized tensors are deprecated API, still the way to fbgemm
+                warnings.simplefilter("ignore")
+                w = torch._make_per_channel_quantized_tensor(
+                    self.q_weight, self.scale.double(), torch.zeros_like(self.scale, dtype=torch.long), 0)
+            self._packed = torch.ops.quantized.linear_prepack(w, self.bias)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm(), True).to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        s_x = absmax_scale(flat, dim=1)
+        acc = int_matmul(quantize(flat, s_x)[None], self.q_weight.t()[None], int8_backend(x.device.type))[0]
+        y = rescale(acc, s_x, self.scale[None]).to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, q_weight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q_weight", q_weight)
+        self.register_buffer("scale", scale.reshape(-1, 1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.q_weight).float() * self.scale[ids].float()
+
+
+def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = absmax_scale(w, dim=1)
+    return quantize(w, s), s.reshape(-1)
+
+
+def export_int8(model: GPTJ, path: Path) -> dict:
+    """Write ``config.json`` and the int8 weights (int8 + fp16 per-row scale for every linear layer
+    and the embedding, fp16 for LayerNorms and biases). Returns the byte size written."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    quantized = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)} | {"transformer.wte"}
+    for name, t in model.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
+            q, s = _quantize_rows(t.detach().float())
+            tensors[f"{module}.q_weight"], tensors[f"{module}.scale"] = q.contiguous(), s.contiguous()
+        else:
+            tensors[name] = t.detach().half().contiguous()
+    save_file(tensors, str(path / INT8_WEIGHTS), metadata={"format": FORMAT})
+    config = model.config.to_hf_dict() | {"quantization": {"format": FORMAT, "weights": "int8, per-row fp16 scale"}}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"bytes": (path / INT8_WEIGHTS).stat().st_size}
+
+
+def load_int8(path: Path) -> GPTJ:
+    """A GPTJ whose linear layers and embedding are int8 modules, from ``export_int8``'s output."""
+    path = Path(path)
+    config: GPTJConfig = checkpoint_config(path, weight_files=(INT8_WEIGHTS,))
+    tensors = load_file(str(path / INT8_WEIGHTS))
+    with torch.device("meta"):
+        model = GPTJ(config)
+    for name, module in list(model.named_modules()):
+        if f"{name}.q_weight" not in tensors:
+            continue
+        q, s = tensors.pop(f"{name}.q_weight"), tensors.pop(f"{name}.scale")
+        if isinstance(module, nn.Embedding):
+            new = Int8Embedding(q, s)
+        else:
+            bias = tensors.pop(f"{name}.bias", None)
+            new = Int8Linear(q, s, bias.float() if bias is not None else None)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    rest = {k: v for k, v in model.state_dict().items() if v.is_meta}
+    if set(rest) != set(tensors):
+        wrong = sorted(set(rest) ^ set(tensors))[0]
+        raise ValueError(f"{path / INT8_WEIGHTS}: tensor '{wrong}' is missing or unexpected for this config.json")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False, assign=True)
+    model.reset_rope_()
+    return model.eval()

@@ -1,0 +1,252 @@
+"""kernels.bmm(int8=True) against an independent numpy implementation of
+../shared/reference/int8-gemm-spec.md, written here from the spec's text (not from kernels/)."""
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels import bmm
+
+F16, F32 = np.float16, np.float32
+
+
+# ------------------------------------------------------------------ the spec, in numpy
+
+def ref_absmax(x, axis):
+    a = np.abs(x.astype(F32))
+    a[np.isnan(a)] = 0  # NaN is ignored by the max
+    return a.max(axis=axis, keepdims=True)
+
+
+def ref_quant(x32, scale32):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.round(x32 / scale32)  # numpy rounds half to even
+    q[np.broadcast_to(scale32 == 0, q.shape) | np.isnan(q)] = 0
+    return np.clip(q, -127, 127).astype(np.int64)
+
+
+def ref_forward(a_op, b_op):
+    """a_op (b, M, K), b_op (b, K, N) as float32 arrays -> C (fp16), saved state."""
+    s_a = (ref_absmax(a_op, 2) / F32(127)).astype(F16)  # fp16(fp32(max) / 127)
+    s_b = (ref_absmax(b_op, 1) / F32(127)).astype(F16)
+    q_a, q_b = ref_quant(a_op, s_a.astype(F32)), ref_quant(b_op, s_b.astype(F32))
+    acc = np.matmul(q_a, q_b)  # exact in int64
+    c = ((acc.astype(F32) * s_a.astype(F32)) * s_b.astype(F32)).astype(F16)
+    return c, (s_a, q_a, s_b, q_b)
+
+
+def ref_quant_grad(t, axis):
+    s = ref_absmax(t, axis) / F32(127)  # kept in fp32 for the rounding
+    return ref_quant(t, s), s
+
+
+def ref_backward(g16, state):
+    s_a, q_a, s_b, q_b = state
+    t = g16.astype(F32) * s_b.astype(F32)
+    q_g, s = ref_quant_grad(t, 2)
+    g_a = (np.matmul(q_g, np.swapaxes(q_b, 1, 2)).astype(F32) * s.astype(F16).astype(F32)).astype(F16)
+    t = g16.astype(F32) * s_a.astype(F32)
+    q_g, s = ref_quant_grad(t, 1)
+    g_b = (np.matmul(np.swapaxes(q_a, 1, 2), q_g).astype(F32) * s.astype(F16).astype(F32)).astype(F16)
+    return g_a, g_b
+
+
+def ref_bmm(A, aT, B, bT, G):
+    """Forward and (given the upstream gradient G) the gradients in stored layouts."""
+    a = A.float().numpy()
+    b = B.float().numpy()
+    a_op = np.swapaxes(a, 1, 2) if aT else a
+    b_op = np.swapaxes(b, 1, 2) if bT else b
+    batch = max(a_op.shape[0], b_op.shape[0])
+    c, state = ref_forward(a_op, b_op)
+    g_a, g_b = ref_backward(G.half().numpy(), state)
+    if A.shape[0] == 1 and batch > 1:
+        g_a = g_a.astype(F32).sum(0, keepdims=True).astype(F16)
+    if B.shape[0] == 1 and batch > 1:
+        g_b = g_b.astype(F32).sum(0, keepdims=True).astype(F16)
+    g_a = np.swapaxes(g_a, 1, 2) if aT else g_a
+    g_b = np.swapaxes(g_b, 1, 2) if bT else g_b
+    return c, g_a, g_b
+
+
+# ------------------------------------------------------------------ helpers
+
+def operands(rng, ba, bb, m, k, n, aT, bT, dtype=torch.float16, scale=1.0):
+    a_shape = (ba, k, m) if aT else (ba, m, k)
+    b_shape = (bb, n, k) if bT else (bb, k, n)
+    A = (torch.randn(a_shape, generator=rng) * scale).to(dtype)
+    B = (torch.randn(b_shape, generator=rng) * scale).to(dtype)
+    return A, B
+
+
+def run_ours(A, aT, B, bT, G, backend):
+    A = A.clone().requires_grad_()
+    B = B.clone().requires_grad_()
+    C = bmm(A, aT, B, bT, int8=True, backend=backend)
+    C.backward(G.to(C.dtype))
+    return C, A.grad, B.grad
+
+
+def assert_bitexact(ours, ref):
+    ours = ours.detach().half().numpy()
+    np.testing.assert_array_equal(ours.view(np.uint16), ref.astype(F16).view(np.uint16))
+
+
+BACKENDS = ["cpu-exact", "cpu-fast"]
+
+
+# ------------------------------------------------------------------ tests
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aT", [False, True])
+@pytest.mark.parametrize("bT", [False, True])
+@pytest.mark.parametrize("batches", [(1, 1), (3, 3), (1, 4), (4, 1)])
+def test_bitexact_against_the_spec(backend, aT, bT, batches):
+    rng = torch.Generator().manual_seed(hash((aT, bT, batches)) % 2**31)
+    for m, k, n in [(8, 16, 12), (5, 33, 7), (20, 64, 24)]:
+        A, B = operands(rng, *batches, m, k, n, aT, bT)
+        G = torch.randn(max(batches), m, n, generator=rng).half()
+        c, g_a, g_b = run_ours(A, aT, B, bT, G, backend)
+        rc, rg_a, rg_b = ref_bmm(A, aT, B, bT, G)
+        assert c.dtype == torch.float16 and tuple(c.shape) == (max(batches), m, n)
+        assert_bitexact(c, rc)
+        assert_bitexact(g_a, rg_a)
+        assert_bitexact(g_b, rg_b)
+        assert g_a.shape == A.shape and g_b.shape == B.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_input_dtypes_follow_the_same_arithmetic(backend, dtype):
+    rng = torch.Generator().manual_seed(7)
+    A, B = operands(rng, 2, 1, 12, 32, 16, False, True, dtype=dtype)
+    G = torch.randn(2, 12, 16, generator=rng).to(dtype)  # the gradient arrives in the output dtype
+    c, g_a, g_b = run_ours(A, False, B, True, G, backend)
+    rc, rg_a, rg_b = ref_bmm(A, False, B, True, G)
+    assert c.dtype == dtype and g_a.dtype == dtype and g_b.dtype == dtype
+    if dtype == torch.float32 and backend == "cpu-exact":  # fp16-rounded values are exact in fp32
+        assert_bitexact(c, rc)
+        assert_bitexact(g_a, rg_a)
+        assert_bitexact(g_b, rg_b)
+    elif dtype == torch.float32:  # cpu-fast skips the gradient's last fp16 rounding (the stated bound)
+        assert_bitexact(c, rc)
+        assert_bitexact(g_b, rg_b)  # summed over the broadcast batch: rounded per item as the spec
+        ours = g_a.detach().numpy()
+        np.testing.assert_allclose(ours, rg_a.astype(F32), rtol=2**-11, atol=0)
+        assert not np.array_equal(ours, rg_a.astype(F32)), "this fp32 gradient is not fp16-rounded"
+        assert_bitexact(g_a, rg_a)  # and rounding it to fp16 gives the spec's value
+    else:  # bf16 holds fewer mantissa bits than fp16: one more rounding
+        for ours, ref in ((c, rc), (g_a, rg_a), (g_b, rg_b)):
+            np.testing.assert_allclose(ours.detach().float().numpy(), ref.astype(F32), rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows_and_tiny_rows(backend):
+    rng = torch.Generator().manual_seed(3)
+    A, B = operands(rng, 1, 1, 8, 16, 8, False, False)
+    A[0, 2] = 0  # an all-zero row: scale 0, q 0, no NaN anywhere
+    # absmax below ~9e-4 gives a subnormal fp16 scale; this one (20.4 subnormal steps) rounds down
+    # to 20 steps, so unclamped the largest entry would quantize to 127 * 20.4 / 20 = 129.5
+    A[0, 3] = (A[0, 3].float() * 5e-5).clamp(-1e-4, 1e-4).half()
+    A[0, 3, 0] = 127 * 20.4 * 2.0**-24
+    A[0, 4] = A[0, 4] * 1e-9  # scale rounds to 0 in fp16
+    B[0, :, 5] = 0
+    G = torch.randn(1, 8, 8, generator=rng).half()
+    G[0, 6] = 0
+    c, g_a, g_b = run_ours(A, False, B, False, G, backend)
+    rc, rg_a, rg_b = ref_bmm(A, False, B, False, G)
+    for ours, ref in ((c, rc), (g_a, rg_a), (g_b, rg_b)):
+        assert torch.isfinite(ours).all()
+        assert_bitexact(ours, ref)
+    assert (c[0, 2] == 0).all() and (c[0, :, 5] == 0).all() and (g_a[0, 6] == 0).all()
+    # the clamp is what the tiny row exercises: unclamped, some |q| would exceed 127
+    s = (A[0, 3].float().abs().max() / 127).half().float()
+    assert (A[0, 3].float() / s).abs().max() > 127.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf(backend):
+    """Documented behaviour: NaN entries count as 0 (ignored by the max, quantized to 0); a row
+    holding inf has an infinite scale, so its finite entries quantize to 0 and its outputs are
+    not finite. Other rows are unaffected."""
+    rng = torch.Generator().manual_seed(5)
+    A, B = operands(rng, 1, 1, 6, 8, 4, False, False)
+    A[0, 1, 3] = float("nan")
+    A[0, 2, 0] = float("inf")
+    c = bmm(A, False, B, False, int8=True, backend=backend)
+    clean = A.clone()
+    clean[0, 1, 3] = 0
+    expected = bmm(clean, False, B, False, int8=True, backend=backend)
+    assert torch.equal(c[0, 1], expected[0, 1])
+    assert not torch.isfinite(c[0, 2]).any()
+    rows = [0, 3, 4, 5]
+    assert torch.equal(c[0, rows], expected[0, rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fast_path_within_its_bound_of_the_exact_path(dtype):
+    """The bound: cpu-fast accumulates in int32 (oneDNN), exact while K * 127**2 < 2**31, i.e.
+    K < 133,000, so its forward equals the float64 path bit for bit at every GPT-J size, and so
+    do its gradients for fp16 operands. For fp32 operands it leaves out the gradients' final fp16
+    rounding: they differ by at most that rounding, 2**-11 relative."""
+    rng = torch.Generator().manual_seed(11)
+    A, B = operands(rng, 1, 1, 64, 4096, 1024, False, True, dtype=dtype)  # the weight is chunked
+    G = torch.randn(1, 64, 1024, generator=rng).to(dtype)
+    fast = run_ours(A, False, B, True, G, "cpu-fast")
+    exact = run_ours(A, False, B, True, G, "cpu-exact")
+    assert torch.equal(fast[0], exact[0])
+    for f, e in zip(fast[1:], exact[1:]):
+        if dtype == torch.float16:
+            assert torch.equal(f, e)
+        else:
+            assert ((f - e).abs() <= e.abs() * 2**-11).all()
+
+
+def test_not_int8_is_a_plain_batched_matmul():
+    rng = torch.Generator().manual_seed(2)
+    A, B = operands(rng, 2, 1, 4, 8, 6, True, False, dtype=torch.float32)
+    assert torch.allclose(bmm(A, True, B, False), A.transpose(1, 2) @ B)
+
+
+def test_int8_is_close_to_fp32():
+    rng = torch.Generator().manual_seed(1)
+    A, B = operands(rng, 1, 1, 32, 256, 64, False, True, dtype=torch.float32)
+    exact = A @ B.transpose(1, 2)
+    err = (bmm(A, False, B, True, int8=True) - exact).abs().max() / exact.abs().max()
+    assert 0 < err < 0.02
+
+
+def test_backend_report():
+    assert kernels.int8_backend("cpu") == "cpu-fast"
+    usable, reason = kernels.cpm_kernels_status()
+    if not torch.cuda.is_available():
+        assert usable is False and reason == "no CUDA device"
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.zeros(2, 3), False, torch.zeros(1, 3, 4), False), "A has shape (2, 3), expected 3 dimensions"),
+    ((torch.zeros(1, 2, 3), False, torch.zeros(1, 4, 5), False), "do not share the reduced dimension K (3 vs 4)"),
+    ((torch.zeros(2, 2, 3), False, torch.zeros(3, 3, 5), False), "batch sizes 2 and 3 differ"),
+    ((torch.zeros(1, 2, 3, dtype=torch.int32), False, torch.zeros(1, 3, 5), False), "A has dtype torch.int32"),
+    (([[1.0]], False, torch.zeros(1, 3, 5), False), "A is a list, expected a torch.Tensor"),
+])
+def test_bad_shapes_and_dtypes(args, message):
+    with pytest.raises((ValueError, TypeError)) as e:
+        bmm(*args, int8=True)
+    assert message in str(e.value)
+
+
+def test_cuda_paths_equal_the_exact_cpu_path():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine (bench/gpu_check.sh runs this on a lent GPU)")
+    rng = torch.Generator().manual_seed(9)
+    for aT in (False, True):
+        for bT in (False, True):
+            A, B = operands(rng, 2, 1, 64, 128, 96, aT, bT)
+            G = torch.randn(2, 64, 96, generator=rng).half()
+            exact = run_ours(A, aT, B, bT, G, "cpu-exact")
+            backends = ["cuda"] + (["cpm_kernels"] if kernels.cpm_kernels_status()[0] else [])
+            for backend in backends:
+                got = run_ours(A.cuda(), aT, B.cuda(), bT, G.cuda(), backend)
+                for g, e in zip(got, exact):
+                    assert torch.equal(g.cpu(), e), backend
