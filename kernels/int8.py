@@ -15,12 +15,19 @@ The arithmetic follows ../shared/reference/int8-gemm-spec.md (read from cpm_kern
 A row of A_op (column of B_op) holding +-inf has an infinite scale; its finite entries quantize to
 0 and its outputs come out NaN or inf, as in fp16 arithmetic.
 
+cpm_kernels takes fp16 only. For fp32 and bf16 operands the quantization is the same (same fp16
+scales, same int8 values, same integer products) but the fp16 roundings of the output, of the
+incoming gradient and of the outgoing gradients are left out: the results are computed in fp32
+and returned in the operands' dtype. (Rounding a training gradient to fp16 without loss scaling
+flushes small gradients to zero.)
+
 Integer products run on one of these backends (``int8_backend()`` reports the automatic choice):
 
 * ``cpm_kernels``: the original CUDA kernels, on the GPUs its wheel was built for;
 * ``cuda``: ``torch._int_mm`` (cuBLASLt int8) on other GPUs (Hopper);
 * ``cpu-exact``: float64 matmul of the int8 values, exact below 2**53 (reference tests);
-* ``cpu-fast``: ``torch._int_mm`` on CPU (oneDNN; exact int32 accumulation, as on the GPU).
+* ``cpu-fast``: ``torch._int_mm`` on CPU (oneDNN; int32 accumulation, exact while K * 127**2 <
+  2**31, i.e. K < 133,000: so it equals ``cpu-exact`` bit for bit at every GPT-J size).
 """
 from __future__ import annotations
 
@@ -119,26 +126,23 @@ def _int_mm_fits(qa: torch.Tensor, qb: torch.Tensor) -> bool:
     return rows > 16 and qa.shape[2] % 8 == 0 and qb.shape[2] % 8 == 0
 
 
-def rescale(acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """fp16((fp32(acc) * fp32(row)) * fp32(col)): two fp32 multiplies in that order, one rounding.
-    (An int32 ``acc`` is promoted to fp32 inside the first multiply.)"""
-    return ((acc * row.float()) * col.float()).half()
+def rescale(acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor, fp16: bool = True) -> torch.Tensor:
+    """fp16((fp32(acc) * fp32(row)) * fp32(col)): two fp32 multiplies in that order, one rounding
+    (left out when ``fp16`` is false). An int32 ``acc`` is promoted to fp32 by the multiply."""
+    out = (acc * row.float()) * col.float()
+    return out.half() if fp16 else out
 
 
-def _scaled(acc: torch.Tensor, s: torch.Tensor, keep_fp32: bool) -> torch.Tensor:
-    """fp16(fp32(acc) * fp32(fp16(s))): the gradients' single rescale. With ``keep_fp32`` (the
-    cpu-fast path, for fp32 operands not summed over a broadcast batch) the final fp16 rounding is
-    skipped: the gradient then
-    differs from the spec's by at most one fp16 rounding (relative 2**-11), and for a weight
-    it saves two full passes over the weight's size."""
-    s = s.half().float()
-    if not keep_fp32:
-        return (acc * s).half()
+def _scaled(acc: torch.Tensor, s: torch.Tensor, fp16: bool) -> torch.Tensor:
+    """fp16(fp32(acc) * fp32(fp16(s))): the gradients' single rescale (both fp16 roundings left out
+    when ``fp16`` is false). A large per-row-scaled weight gradient is done in cache-sized row blocks."""
+    if fp16:
+        return (acc * s.half().float()).half()
     if acc.device.type != "cpu" or acc.numel() <= CHUNK or s.shape[-1] != 1 or not acc.is_contiguous():
         return acc * s
-    # per-row scale of a large weight gradient: row blocks, as in scale_and_quantize
     out = torch.empty(acc.shape, dtype=torch.float32)
-    flat, s_flat, out_flat = acc.view(-1, acc.shape[-1]), s.expand(*acc.shape[:-1], 1).reshape(-1, 1), out.view(-1, acc.shape[-1])
+    flat, out_flat = acc.view(-1, acc.shape[-1]), out.view(-1, acc.shape[-1])
+    s_flat = s.expand(*acc.shape[:-1], 1).reshape(-1, 1)
     rows = max(1, CHUNK // flat.shape[1])
     for i in range(0, flat.shape[0], rows):
         torch.mul(flat[i:i + rows], s_flat[i:i + rows], out=out_flat[i:i + rows])
@@ -180,7 +184,8 @@ class _Int8BMM(torch.autograd.Function):
         s_b, q_b = scale_and_quantize(B, dim=2 if bT else 1)  # per column of B_op; stored layouts
         s_a, q_a = (_t(s_a), _t(q_a)) if aT else (s_a, q_a)  # -> op layouts: s_a (bA, M, 1)
         s_b, q_b = (_t(s_b), _t(q_b)) if bT else (s_b, q_b)  # s_b (bB, 1, N)
-        out = rescale(int_matmul(q_a, q_b, backend), s_a, s_b)
+        half = torch.promote_types(A.dtype, B.dtype) == torch.float16
+        out = rescale(int_matmul(q_a, q_b, backend), s_a, s_b, fp16=half)
         ctx.save_for_backward(s_a, q_a, s_b, q_b)
         ctx.meta = (aT, bT, backend, A.shape[0], B.shape[0], A.dtype, B.dtype)
         return out
@@ -189,24 +194,21 @@ class _Int8BMM(torch.autograd.Function):
     def backward(ctx, grad):
         s_a, q_a, s_b, q_b = ctx.saved_tensors
         aT, bT, backend, batch_a, batch_b, dtype_a, dtype_b = ctx.meta
-        g = grad.half().float()  # the spec's G is the fp16 gradient of C
+        g = grad.float()  # fp16 for fp16 operands, as the spec's G; wider operands keep their precision
+        half = grad.dtype == torch.float16
         grad_a = grad_b = None
-        batch = max(batch_a, batch_b)
-        # fp32 gradients keep fp32 on cpu-fast unless summed over a broadcast batch (rounded first)
-        wide_a, wide_b = (backend == "cpu-fast" and d == torch.float32 and not (n == 1 < batch)
-                          for d, n in ((dtype_a, batch_a), (dtype_b, batch_b)))
         if ctx.needs_input_grad[0]:
             q_g, s = _quantize_grad(g * s_b.float(), dim=2)  # per row m
             if aT:  # stored (K, M) = q_b_op @ q_g^T, scaled per column m
-                g_a = _scaled(int_matmul(q_b, _t(q_g), backend), _t(s), wide_a)
+                g_a = _scaled(int_matmul(q_b, _t(q_g), backend), _t(s), half)
             else:
-                g_a = _scaled(int_matmul(q_g, _t(q_b), backend), s, wide_a)
+                g_a = _scaled(int_matmul(q_g, _t(q_b), backend), s, half)
             grad_a = _reduce_to(g_a, batch_a).to(dtype_a)
         if ctx.needs_input_grad[1]:
             q_g, s = _quantize_grad(g * s_a.float(), dim=1)  # per column n
             if bT:  # stored (N, K) = q_g^T @ q_a_op, scaled per row n
-                g_b = _scaled(int_matmul(_t(q_g), q_a, backend), _t(s), wide_b)
+                g_b = _scaled(int_matmul(_t(q_g), q_a, backend), _t(s), half)
             else:
-                g_b = _scaled(int_matmul(_t(q_a), q_g, backend), s, wide_b)
+                g_b = _scaled(int_matmul(_t(q_a), q_g, backend), s, half)
             grad_b = _reduce_to(g_b, batch_b).to(dtype_b)
         return grad_a, grad_b, None, None, None

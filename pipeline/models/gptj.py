@@ -130,7 +130,7 @@ class GPTJ(nn.Module):
 
     def reset_rope_(self):
         """Recompute the rotary table (e.g. after the model was materialised from the meta device)."""
-        device = self.lm_head.weight.device
+        device = self.transformer.ln_f.weight.device
         self.rope = rotary_table(self.config.n_positions, self.config.rotary_dim).to(device)
         return self
 
