@@ -35,6 +35,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/noop_rerun.py
+	$(PY) bench/int8.py
 
 clean-venv:
 	rm -rf $(VENV)
