@@ -9,7 +9,7 @@ OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
              $(if $(CHECKPOINT),--pipeline-checkpoint $(CHECKPOINT)) \
              $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
 
-.PHONY: setup base status gc gc-dry-run test bench clean-venv
+.PHONY: setup base relu status gc gc-dry-run test bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ setup: $(VENV)/.installed
 
 base: setup
 	$(LUIGI) BaseModel $(OVERRIDES)
+
+relu: setup
+	$(LUIGI) ReluModel $(OVERRIDES)
 
 status: setup
 	$(PY) -m pipeline.status $(OVERRIDES)
@@ -36,6 +39,7 @@ test: setup
 bench: setup
 	$(PY) bench/noop_rerun.py
 	$(PY) bench/int8.py
+	$(PY) bench/train_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

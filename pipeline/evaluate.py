@@ -23,18 +23,36 @@ def windows(tokens: np.ndarray, seq_len: int, max_tokens: int = 0) -> np.ndarray
 
 @torch.no_grad()
 def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, max_tokens: int = 0,
-               device: str | torch.device = "cpu", desc: str = "eval") -> dict:
-    """Mean next-token cross-entropy and its exponential over the evaluation windows."""
+               device: str | torch.device = "cpu", desc: str = "eval", ffn_sparsity: bool = False) -> dict:
+    """Mean next-token cross-entropy and its exponential over the evaluation windows; with
+    ``ffn_sparsity`` also, per layer, the share of FFN activations that are exactly zero (the
+    share of ``fc_in`` outputs at or below zero, which ReLU zeroes)."""
     was_training = model.training
     model.eval()
     data = torch.from_numpy(windows(tokens, seq_len, max_tokens))
+    zeros, hooks = [], []
+    if ffn_sparsity:
+        for i, block in enumerate(model.transformer.h):
+            zeros.append([0, 0])
+
+            def count(module, inputs, output, tally=zeros[i]):
+                tally[0] += int((output <= 0).sum())
+                tally[1] += output.numel()
+            hooks.append(block.mlp.fc_in.register_forward_hook(count))
     total, count = 0.0, 0
-    for i in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = data[i:i + batch_size].to(device)
-        logits = model(chunk[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
-        count += chunk[:, 1:].numel()
-    model.train(was_training)
+    try:
+        for i in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
+            chunk = data[i:i + batch_size].to(device)
+            logits = model(chunk[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
+            total += loss.item()
+            count += chunk[:, 1:].numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
     mean = total / count
-    return {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
+    result = {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
+    if ffn_sparsity:
+        result["ffn_sparsity"] = [z / n for z, n in zeros]
+    return result

@@ -1,18 +1,23 @@
-"""The training entry point, run under torchrun:
+"""The training entry point, run under torchrun, with the seed's flags:
 
-    torchrun --nproc_per_node=N -m pipeline.train --save-dir DIR --model gpt-j-tiny --data DIR ...
+    torchrun --nproc_per_node=N -m pipeline.train --save-dir DIR --model gpt-j-full-relu \\
+        --start-lr 1e-4 --load gpt-j.bin --use-kd --kd-mse-last-hidden --kd-loss-scale 1 \\
+        --load-teacher gpt-j.bin --data CORPUS_DIR
 
-One process per device; gloo on CPU, nccl on GPU; DDP across ranks. Every ``--save-interval``
-steps rank 0 writes model, optimizer, step and loss log to ``<save-dir>/resume/``; started again
-with the same arguments, it continues from there and ends where an uninterrupted run would
-(batches depend only on seed, step and rank).
+One process per device; gloo on CPU, nccl on GPU; DDP, or FSDP2 (``fully_shard``) for models
+whose replicated training state does not fit (``--sharding auto`` decides from the memory plan).
+Every ``--save-interval`` steps rank 0 writes model, optimizer, step, loss log and RNG state to
+``<save-dir>/resume/``; started again with the same arguments it continues from there and ends
+where an uninterrupted run would (batches depend only on seed, step, rank and micro-batch).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -20,24 +25,37 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline import memory
 from pipeline.data import load_tokens
-from pipeline.models import GPTJ, from_pretrained, get_preset, save_pretrained
+from pipeline.distill import BMDistill, DistillConfig, lm_forward
+from pipeline.models import GPTJ, GPTJConfig, checkpoint_config, get_preset, load_state_dict_from_dir, save_pretrained
+from pipeline.quant import BMQuant
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.json"
+LATER = {"use_pruning": "the 2:4 pruning stage", "save_hidden": "the MoEfication hidden-state dump"}
+
+
+class UsageError(SystemExit):
+    """Bad input, found before any work: one sentence, exit status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+        self.code = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--save-dir", required=True, type=Path, help="where the trained model and resume state go")
-    p.add_argument("--model", required=True, help="model preset name (ignored for the architecture when --load is given)")
-    p.add_argument("--load", type=Path, help="initial weights: a Hugging Face GPT-J directory or a model artifact")
-    p.add_argument("--data", required=True, type=Path, help="a Corpus artifact directory holding train.npy")
+    p.add_argument("--model", required=True,
+                   help="gpt-j-full[-relu][-int8] (28 layers), gpt-j[-int8] (14 layers), or a preset "
+                        "(gpt-j-tiny, gpt-j-smoke) with optional -relu / -int8")
+    p.add_argument("--load", type=Path, help="initial weights: a model directory, .safetensors, or a weights-only .bin/.pt")
+    p.add_argument("--data", type=Path, help="a Corpus artifact directory holding train.npy")
     p.add_argument("--start-lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
@@ -47,8 +65,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--save-interval", type=int, default=50)
+    p.add_argument("--sharding", choices=("auto", "ddp", "fsdp"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="compute precision; auto: bf16 on GPU, fp32 on CPU (fp16 adds loss scaling)")
+    p.add_argument("--memory-limit-gb", type=float, help="memory per rank to plan against (default: what is free)")
+    # knowledge distillation (BMDistill)
+    p.add_argument("--use-kd", action="store_true")
+    p.add_argument("--load-teacher", type=Path)
+    p.add_argument("--teacher-model", help="teacher architecture when --load-teacher has no config.json (default: the student's without -relu/-int8, full depth)")
+    p.add_argument("--kd-loss-scale", type=float, default=1.0)
+    p.add_argument("--kd-temp", type=float, default=1.0)
+    p.add_argument("--kd-ce-logits", type=float, default=0.0)
+    p.add_argument("--kd-mse-last-hidden", nargs="?", type=float, const=1.0, default=0.0)
+    p.add_argument("--kd-mse-hidden", type=float, default=0.0)
+    p.add_argument("--kd-mse-att", type=float, default=0.0)
+    p.add_argument("--kd-mse-emb", type=float, default=0.0)
+    p.add_argument("--act-l1", type=float, default=0.0,
+                   help="L1 penalty on the FFN activations (mean over layers), which raises ReLU sparsity")
+    # flags of the seed whose features arrive with later stages
+    p.add_argument("--use-pruning", action="store_true")
+    p.add_argument("--save-hidden", action="store_true")
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a crash
     return p
+
+
+def resolve_model(name: str) -> tuple[GPTJConfig, bool]:
+    """(architecture, int8) for a model name of the seed or of this project."""
+    base, int8, relu = name, False, False
+    if base.endswith("-int8"):
+        base, int8 = base[: -len("-int8")], True
+    if base.endswith("-relu"):
+        base, relu = base[: -len("-relu")], True
+    if base == "gpt-j-full":
+        config = get_preset("gpt-j")
+    elif base == "gpt-j":
+        config = get_preset("gpt-j").replace(n_layer=14)  # the seed's distilled student
+    else:
+        try:
+            config = get_preset(base)
+        except ValueError:
+            raise UsageError(f"--model {name!r} is not a known model; use gpt-j-full[-relu][-int8], "
+                             f"gpt-j[-int8], or gpt-j-tiny / gpt-j-smoke with optional -relu / -int8") from None
+    return (config.replace(activation="relu") if relu else config), int8
+
+
+def read_weights(path: Path, what: str) -> tuple[dict, GPTJConfig | None]:
+    """(state dict, config or None) from a model directory, a .safetensors file or a weights-only
+    pickle; never unpickles anything but tensors."""
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    if path.is_dir():
+        return load_state_dict_from_dir(path), checkpoint_config(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise UsageError(f"{what} {path} is not a weights-only checkpoint; refusing to unpickle it "
+                         f"({str(e).splitlines()[0]})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{what} {path} does not hold a state dict of tensors")
+    return state, None
+
+
+def is_student_of(student: GPTJConfig, teacher: GPTJConfig) -> bool:
+    """Whether ``student`` is a shallower copy of ``teacher``'s shape (initialised by BMDistill.init_student)."""
+    return (teacher.n_layer > student.n_layer and teacher.n_layer % student.n_layer == 0
+            and student.replace(n_layer=teacher.n_layer, activation=teacher.activation) == teacher)
+
+
+def build_model(config: GPTJConfig, state: dict | None, what: str, path: Path | None) -> GPTJ:
+    model = GPTJ(config)
+    if state is None:
+        return model
+    n_layers = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("transformer.h.")), default=-1)
+    if n_layers > config.n_layer and n_layers % config.n_layer == 0:
+        BMDistill.init_student(model, state)  # the seed's 14-layer gpt-j from the 28-layer weights
+        return model
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise UsageError(f"{what} {path} has no tensor '{key}': it is not a {config.n_layer}-layer GPT-J "
+                             f"of width {config.n_embd} (wrong architecture for this --model)")
+        if state[key].shape != tensor.shape:
+            raise UsageError(f"{what} {path}: tensor '{key}' has shape {tuple(state[key].shape)}, expected "
+                             f"{tuple(tensor.shape)} for this --model (wrong architecture)")
+    extra = sorted(set(state) - set(expected) - {k for k in state if k.endswith(("attn.bias", "attn.masked_bias"))})
+    if extra:
+        raise UsageError(f"{what} {path} has tensor '{extra[0]}', which this --model does not (wrong architecture)")
+    model.load_state_dict({k: state[k] for k in expected}, strict=True)
+    return model
+
+
+def activation_penalty(model) -> list:
+    """Collects, on every forward, the mean activation of each FFN (after ReLU, the L1 norm)."""
+    collected: list = []
+    for block in model.transformer.h:
+        block.mlp.fc_in.register_forward_hook(lambda m, i, out: collected.append(torch.relu(out).float().mean()))
+    return collected
 
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
@@ -59,13 +177,13 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batch_at(tokens: np.ndarray, step: int, rank: int, micro: int, n: int, seq_len: int, seed: int):
-    """The ``micro``-th micro-batch of ``n`` sequences for ``rank`` at ``step``: a pure function of
-    its arguments, which is what makes resuming exact."""
-    rng = np.random.default_rng([seed, step, rank, micro])
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=n)
-    chunk = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
-    chunk = torch.from_numpy(chunk)
+def batch_at(tokens: np.ndarray, step: int, part: int, n: int, seq_len: int, seed: int):
+    """Part ``part`` (of ``n`` sequences) of the global batch of ``step``: the global batch is one
+    seeded draw per step, cut into parts by rank and micro-batch (part = rank * grad_accum +
+    micro), so any world size and accumulation see the same sequences, and resuming is exact."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=(part + 1) * n)[part * n:]
+    chunk = torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts]))
     return chunk[:, :-1], chunk[:, 1:]
 
 
@@ -84,43 +202,160 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, log: list) -> None:
+def check_args(args, world: int) -> None:
+    for flag, feature in LATER.items():
+        if getattr(args, flag):
+            raise UsageError(f"--{flag.replace('_', '-')} arrives with {feature}, which this version does not have yet")
+    if args.data is None:
+        raise UsageError("--data is required: a Corpus artifact directory holding train.npy")
+    if not (args.data / "train.npy").is_file():
+        raise UsageError(f"--data {args.data} holds no train.npy (expected a Corpus artifact directory)")
+    if args.batch_size <= 0 or args.batch_size % (world * args.grad_accum):
+        raise UsageError(f"--batch-size {args.batch_size} must be a positive multiple of the world size {world} "
+                         f"times --grad-accum {args.grad_accum}")
+    if args.use_kd and args.load_teacher is None:
+        raise UsageError("--use-kd needs --load-teacher (the teacher's weights)")
+
+
+def distill_config(args) -> DistillConfig:
+    return DistillConfig(ce_logits=args.kd_ce_logits, temp=args.kd_temp, mse_last_hidden=args.kd_mse_last_hidden,
+                         mse_hidden=args.kd_mse_hidden, mse_att=args.kd_mse_att, mse_emb=args.kd_mse_emb,
+                         loss_scale=args.kd_loss_scale)
+
+
+def teacher_config(args, student: GPTJConfig, teacher_file_config: GPTJConfig | None) -> GPTJConfig:
+    if teacher_file_config is not None:
+        return teacher_file_config
+    if args.teacher_model:
+        return resolve_model(args.teacher_model)[0]
+    name = args.model.removesuffix("-int8").removesuffix("-relu")
+    return resolve_model("gpt-j-full" if name == "gpt-j" else name)[0]
+
+
+def compute_dtype(args, device) -> torch.dtype:
+    choice = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def choose_sharding(args, config, world, device, teacher_cfg, per_rank, dtype) -> tuple[str, memory.Plan]:
+    available = (args.memory_limit_gb * memory.GB if args.memory_limit_gb
+                 else memory.available_memory(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    nbytes = torch.finfo(dtype).bits // 8
+    options = [args.sharding] if args.sharding != "auto" else (["ddp", "fsdp"] if world > 1 else ["ddp"])
+    for sharding in options:
+        p = memory.plan(config, world, sharding, per_rank, args.seq_len, nbytes, available, teacher_cfg)
+        if p.total <= p.available:
+            return sharding, p
+    raise UsageError(f"{args.model} does not fit: {options[-1]} over {world} rank(s) needs {p.describe()}; "
+                     f"use more ranks, --sharding fsdp, a smaller --batch-size or more --grad-accum")
+
+
+def wrap(model, sharding: str, world: int, device, dtype):
+    if world == 1:
+        return model
+    if sharding == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def full_state(model, optimizer, sharding: str, world: int) -> tuple[dict, dict]:
+    """Model and optimizer state gathered in full (for rank 0 to save)."""
+    if sharding == "fsdp" and world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def load_full_state(model, optimizer, state: dict, sharding: str, world: int) -> None:
+    if sharding == "fsdp" and world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+
+def save_checkpoint(path: Path, model_state, optim_state, step: int, log: list) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (CHECKPOINT + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "log": log}, tmp)
+    torch.save({"model": model_state, "optimizer": optim_state, "step": step, "log": log,
+                "rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, path / CHECKPOINT)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    world_hint = int(os.environ.get("WORLD_SIZE", "1"))
+    check_args(args, world_hint)
+    config, int8 = resolve_model(args.model)
+    student_state, student_file_config = read_weights(args.load, "--load") if args.load else (None, None)
+    if student_file_config is not None and not is_student_of(config, student_file_config):
+        # a model directory brings its own architecture; --model then names only the variant
+        config = student_file_config.replace(activation=config.activation)
+    teacher_state = teacher_cfg = None
+    if args.use_kd:
+        teacher_state, teacher_file_config = read_weights(args.load_teacher, "--load-teacher")
+        teacher_cfg = teacher_config(args, config, teacher_file_config)
+        if teacher_cfg.vocab_size != config.vocab_size:
+            raise UsageError(f"the teacher's vocabulary ({teacher_cfg.vocab_size} tokens) differs from the "
+                             f"student's ({config.vocab_size}); distillation needs the same tokenizer")
+
     rank, world, device = setup_distributed()
-    per_rank, rem = divmod(args.batch_size, world * args.grad_accum)
-    if per_rank == 0 or rem:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a positive multiple of "
-                         f"world size {world} x --grad-accum {args.grad_accum}")
+    dtype = compute_dtype(args, device)
+    per_rank = args.batch_size // (world * args.grad_accum)
+    sharding, plan = choose_sharding(args, config, world, device, teacher_cfg, per_rank, dtype)
+    if rank == 0:
+        print(f"memory plan ({sharding}, {dtype}): {plan.describe()}", flush=True)
+
     torch.manual_seed(args.seed)
-    model = from_pretrained(args.load) if args.load else GPTJ(get_preset(args.model))
-    model.to(device).train()
+    model = build_model(config, student_state, "--load", args.load).to(device).train()
+    if int8:
+        BMQuant.quantize(model)
+    extra_params: list = []
+    if args.use_kd:
+        teacher = build_model(teacher_cfg, teacher_state, "--load-teacher", args.load_teacher).to(device, dtype)
+        distiller = BMDistill.set_forward(model, teacher, lm_forward, distill_config(args)).to(device)
+        extra_params = list(distiller.project.parameters())
     tokens = load_tokens(args.data / "train.npy")
     if len(tokens) <= args.seq_len + 1:
-        raise SystemExit(f"{args.data / 'train.npy'} holds {len(tokens)} tokens, fewer than --seq-len {args.seq_len} + 2")
+        raise UsageError(f"{args.data / 'train.npy'} holds {len(tokens)} tokens, fewer than --seq-len {args.seq_len} + 2")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    penalties = activation_penalty(model) if args.act_l1 else None
+    net = wrap(model, sharding, world, device, dtype)
+    if args.use_kd:
+        distiller.model = net
+        forward = distiller
+    else:
+        def forward(x, y):
+            return lm_forward(net, x, y)
+    decay = [p for p in model.parameters() if p.dim() >= 2] + extra_params
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.start_lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and sharding != "fsdp"
+                else contextlib.nullcontext())
+
     resume = args.save_dir / "resume"
     step, log = 0, []
     if (resume / CHECKPOINT).is_file():
-        state = torch.load(resume / CHECKPOINT, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(resume / CHECKPOINT, map_location="cpu", weights_only=True)
+        load_full_state(model, optimizer, state, sharding, world)
         step, log = state["step"], state["log"]
+        torch.set_rng_state(state["rng"])
         if rank == 0:
             print(f"resuming from step {step} ({resume / CHECKPOINT})", flush=True)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    start = time.time()
+    start, first_step = time.time(), step
     bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", disable=rank != 0, file=sys.stdout,
                mininterval=0.5 if sys.stdout.isatty() else 30)
     while step < args.steps:
@@ -129,15 +364,19 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = lr
         total = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            x, y = batch_at(tokens, step, rank, micro, per_rank, args.seq_len, args.seed)
-            x, y = x.to(device), y.to(device)
-            logits = net(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / args.grad_accum
-            loss.backward()
-            total += loss.detach()
+            x, y = batch_at(tokens, step, rank * args.grad_accum + micro, per_rank, args.seq_len, args.seed)
+            with autocast:
+                loss, _ = forward(x.to(device), y.to(device))
+                if penalties is not None:
+                    loss = loss + args.act_l1 * torch.stack(penalties).mean()
+                    penalties.clear()
+            scaler.scale(loss / args.grad_accum).backward()
+            total += loss.detach() / args.grad_accum
+        scaler.unscale_(optimizer)
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(total)
@@ -148,17 +387,23 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 and (step % args.log_interval == 0 or step == args.steps):
             bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.2e}")
             print(f"step {step} loss {total.item():.4f} lr {lr:.3e}", flush=True)
-        if rank == 0 and args.save_interval and step % args.save_interval == 0 and step < args.steps:
-            save_checkpoint(resume, model, optimizer, step, log)
+        if args.save_interval and step % args.save_interval == 0 and step < args.steps:
+            model_state, optim_state = full_state(model, optimizer, sharding, world)
+            if rank == 0:
+                save_checkpoint(resume, model_state, optim_state, step, log)
         if args.stop_after and step >= args.stop_after:
             break
     bar.close()
-    if rank == 0 and step == args.steps:
-        save_pretrained(model, args.save_dir)
-        tokens_seen = args.steps * args.batch_size * args.seq_len
-        (args.save_dir / TRAIN_LOG).write_text(json.dumps(
-            {"loss": log, "tokens_seen": tokens_seen, "world_size": world,
-             "wall_time_s": round(time.time() - start, 2)}) + "\n")
+    if step == args.steps:
+        model_state, _ = full_state(model, optimizer, sharding, world)
+        if rank == 0:
+            final = GPTJ(config)
+            final.load_state_dict(model_state)
+            save_pretrained(final, args.save_dir)
+            (args.save_dir / TRAIN_LOG).write_text(json.dumps(
+                {"loss": log, "tokens_seen": args.steps * args.batch_size * args.seq_len, "world_size": world,
+                 "sharding": sharding, "wall_time_s": round(time.time() - start, 2),
+                 "tokens_this_run": (args.steps - first_step) * args.batch_size * args.seq_len}) + "\n")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -2,10 +2,11 @@
 from tasks.stage import Stage, check_config, pipeline_settings
 from tasks.corpus import Corpus
 from tasks.base_model import BaseModel
+from tasks.relu_model import ReluModel
 
 # The stages whose upstream closure is "the whole current graph" (status, gc, the no-op bench).
-TARGETS = (BaseModel,)
+TARGETS = (ReluModel,)
 
-check_config([pipeline_settings, Corpus, BaseModel])
+check_config([pipeline_settings, Corpus, BaseModel, ReluModel])
 
-__all__ = ["Stage", "pipeline_settings", "Corpus", "BaseModel", "TARGETS"]
+__all__ = ["Stage", "pipeline_settings", "Corpus", "BaseModel", "ReluModel", "TARGETS"]

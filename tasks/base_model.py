@@ -1,14 +1,14 @@
 """BaseModel: pretrain a preset from scratch on the Corpus (under torchrun), or import a checkpoint."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import luigi
 
 from pipeline.artifacts import content_hash
 from tasks.corpus import Corpus
-from tasks.stage import Stage, pipeline_settings, run_logged
+from tasks.stage import Stage, pipeline_settings
+from tasks.training import run_training, train_model_name, training_flags
 
 TRAINING = ("steps", "batch_size", "grad_accum", "seq_len", "start_lr", "warmup", "weight_decay", "seed")
 
@@ -48,7 +48,7 @@ class BaseModel(Stage):
         return params
 
     def build(self, build, inputs) -> None:
-        from pipeline import data, train
+        from pipeline import data
         from pipeline.evaluate import perplexity
         from pipeline.models import from_pretrained, save_pretrained
 
@@ -65,19 +65,9 @@ class BaseModel(Stage):
                 save_pretrained(model, build.path)
             build.extra["source"] = {"checkpoint": str(checkpoint)}
         else:
-            args = ["--save-dir", str(build.path), "--model", settings.model, "--data", str(corpus.path),
-                    "--log-interval", str(self.log_interval), "--save-interval", str(self.save_interval)]
-            for name in TRAINING:
-                args += ["--" + name.replace("_", "-"), str(getattr(self, name))]
-            cmd = train.torchrun_command(args, settings.nproc_per_node, settings.nnodes, settings.rdzv_endpoint)
-            with build.timed("train"):
-                run_logged(cmd, build.path / "train.log")
-            log = json.loads((build.path / train.TRAIN_LOG).read_text())
-            build.metrics.update({
-                "tokens_seen": log["tokens_seen"], "train_wall_time_s": log["wall_time_s"],
-                "final_train_loss": log["loss"][-1][1],
-                "loss_curve": [p for p in log["loss"] if p[0] % self.log_interval == 0 or p[0] == self.steps],
-            })
+            args = ["--model", train_model_name(settings.model), "--data", str(corpus.path), "--log-interval", str(self.log_interval),
+                    "--save-interval", str(self.save_interval), *training_flags(self, TRAINING)]
+            build.metrics.update(run_training(build, args, self.log_interval))
         shutil.copyfile(corpus.file("tokenizer.json"), build.path / "tokenizer.json")
         with build.timed("evaluate"):
             model = from_pretrained(build.path)

@@ -44,7 +44,7 @@ def test_qat_lowers_the_loss_and_every_quantized_weight_learns():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(40):
-        x, y = batch_at(tokens, step, 0, 0, 8, 32, 0)
+        x, y = batch_at(tokens, step, 0, 8, 32, 0)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
         if step == 0:

@@ -51,13 +51,14 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[-1] == pytest.approx(0.1, abs=0.01)
 
 
-def test_batches_depend_only_on_seed_step_and_rank(corpus):
+def test_batches_cut_one_global_draw_per_step(corpus):
     tokens = np.load(corpus / "train.npy", mmap_mode="r")
-    x1, y1 = train.batch_at(tokens, 5, 0, 0, 4, 16, 0)
-    x2, y2 = train.batch_at(tokens, 5, 0, 0, 4, 16, 0)
-    x3, _ = train.batch_at(tokens, 5, 1, 0, 4, 16, 0)
-    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
-    assert torch.equal(x1[:, 1:], y1[:, :-1])
+    x, y = train.batch_at(tokens, 5, 0, 4, 16, 0)
+    assert torch.equal(x, train.batch_at(tokens, 5, 0, 4, 16, 0)[0])
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    halves = [train.batch_at(tokens, 5, part, 2, 16, 0)[0] for part in (0, 1)]
+    assert torch.equal(torch.cat(halves), x), "two ranks (or micro-batches) of 2 see the 4 sequences of one"
+    assert not torch.equal(train.batch_at(tokens, 6, 0, 4, 16, 0)[0], x)
 
 
 def test_torchrun_command():

@@ -4,6 +4,9 @@ Module and parameter names match transformers' GPTJForCausalLM, so Hugging Face
 state dicts load 1:1 (see hf.py).
 """
 
+import math
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,15 +57,22 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, d, bias=False)
         self.out_proj = Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, probs_out=None):
         B, T, D = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        # like HF, attention scores are computed in fp32 so fp16 models do not overflow
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, T, hd)
+        # like HF, attention is computed in fp32 so fp16 models do not overflow
+        if probs_out is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # distillation wants the attention probabilities themselves
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            probs_out.append(probs)
+            y = probs @ v
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, D)
         return self.out_proj(y)
 
@@ -90,10 +100,10 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, probs_out=None):
         # GPT-J: attention and MLP run in parallel on the same normalised input
         h = self.ln_1(x)
-        return self.attn(h, cos, sin) + self.mlp(h) + x
+        return self.attn(h, cos, sin, probs_out) + self.mlp(h) + x
 
 
 class GPTJ(nn.Module):
@@ -134,14 +144,25 @@ class GPTJ(nn.Module):
         self.rope = rotary_table(self.config.n_positions, self.config.rotary_dim).to(device)
         return self
 
-    def forward(self, input_ids):
-        """input_ids: (B, T) int64 -> logits (B, T, vocab) in the model's dtype."""
+    def forward(self, input_ids, output_states=False):
+        """input_ids: (B, T) int64 -> logits (B, T, vocab) in the model's dtype; with
+        ``output_states`` a ModelOutput that also holds the hidden states (the embeddings, then
+        every block's output) and every layer's attention probabilities (B, H, T, T)."""
         B, T = input_ids.shape
         if T > self.config.n_positions:
             raise ValueError(f"sequence length {T} exceeds n_positions {self.config.n_positions}")
         x = self.transformer.wte(input_ids)
         cos, sin = self.rope[:, :T].to(x.dtype)
+        hidden, probs = ([x], []) if output_states else (None, None)
         for block in self.transformer.h:
-            x = block(x, cos, sin)
-        x = self.transformer.ln_f(x)
-        return self.lm_head(x)
+            x = block(x, cos, sin, probs)
+            if output_states:
+                hidden.append(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return ModelOutput(logits, hidden, probs) if output_states else logits
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    hidden_states: list  # n_layer + 1 tensors (B, T, d_model): embeddings, then each block's output
+    attentions: list  # n_layer tensors (B, H, T, T): attention probabilities
