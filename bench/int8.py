@@ -7,26 +7,14 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 from kernels import int8_backend, linear
 from pipeline.quant import Int8Linear, _quantize_rows
+from timing import median_time
 
 SHAPES = [(4096, 4096), (4096, 16384)]  # (in, out)
-
-
-def median_time(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -8,11 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,8 @@ import torch
 
 from pipeline import train
 from pipeline.distill import BMDistill, lm_forward
-from pipeline.models import GPTJ, get_preset
+from pipeline.models import GPTJ
+from timing import median_time
 
 
 def ranks_throughput(nproc: int, corpus: Path, out: Path, steps: int, model: str) -> float:
@@ -51,16 +49,7 @@ def teacher_share(steps: int, model: str) -> tuple[float, float, float]:
         with torch.no_grad():
             teacher(inputs)
 
-    def timed(fn):
-        fn()
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    step_time, teacher_time = timed(kd_step), timed(teacher_forward)
+    step_time, teacher_time = median_time(kd_step, steps), median_time(teacher_forward, steps)
     return step_time, teacher_time, teacher_time / step_time
 
 

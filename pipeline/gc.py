@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline.artifacts import Store
-from pipeline.status import current_specs
+from pipeline.status import parse_graph_command
 
 
 def unreachable(store: Store, keep: set[tuple[str, str]]) -> list[Path]:
@@ -32,12 +32,7 @@ def size_of(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.gc", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
-    args, overrides = p.parse_known_args(argv)
-    try:
-        specs = current_specs(overrides)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, specs = parse_graph_command(p, argv)
     store = Store()
     doomed = unreachable(store, {(s.stage, s.version) for s in specs})
     locks = [p for p in doomed if p.name.startswith(".lock-")]
@@ -56,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 path.unlink()
     verb = "would free" if args.dry_run else "freed"
-    print(f"{len(doomed)} path(s), {verb} {total / 1e6:.1f} MB; kept {len(specs)} current version(s)")
+    kept = sum(store.get(s.stage, s.version) is not None for s in specs)
+    print(f"{len(doomed)} path(s), {verb} {total / 1e6:.1f} MB; kept {kept} current version(s)")
     return 0
 
 

@@ -27,6 +27,17 @@ def current_specs(overrides: list[str]) -> list[StageSpec]:
         return [t.spec() for t in graph([cls() for cls in tasks.TARGETS])]
 
 
+def parse_graph_command(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, list[StageSpec]]:
+    """Parse the command's own flags, pass the rest to Luigi as overrides, and compute the graph;
+    bad parameters exit with one sentence and status 2."""
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return args, current_specs(overrides)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def stage_status(spec: StageSpec, store: Store) -> dict:
     entry = {"stage": spec.stage, "version": spec.version, "state": "up-to-date", "reasons": []}
     try:
@@ -45,12 +56,7 @@ def stage_status(spec: StageSpec, store: Store) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.status", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON object per stage")
-    args, overrides = p.parse_known_args(argv)
-    try:
-        specs = current_specs(overrides)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, specs = parse_graph_command(p, argv)
     store = Store()
     entries = [stage_status(s, store) for s in specs]
     if args.json:

@@ -7,24 +7,14 @@ import luigi
 
 from pipeline.artifacts import content_hash
 from tasks.corpus import Corpus
-from tasks.stage import Stage, pipeline_settings
-from tasks.training import run_training, train_model_name, training_flags
-
-TRAINING = ("steps", "batch_size", "grad_accum", "seq_len", "start_lr", "warmup", "weight_decay", "seed")
+from tasks.stage import pipeline_settings
+from tasks.training import TrainingStage, train_model_name
 
 
-class BaseModel(Stage):
+class BaseModel(TrainingStage):
     steps = luigi.IntParameter(default=1400)
-    batch_size = luigi.IntParameter(default=16, description="global batch in sequences")
-    grad_accum = luigi.IntParameter(default=1)
-    seq_len = luigi.IntParameter(default=128)
     start_lr = luigi.FloatParameter(default=2e-3)
     warmup = luigi.IntParameter(default=50)
-    weight_decay = luigi.FloatParameter(default=0.1)
-    seed = luigi.IntParameter(default=0)
-    eval_tokens = luigi.IntParameter(default=65536, description="held-out tokens for perplexity (0: all)")
-    log_interval = luigi.IntParameter(default=10)
-    save_interval = luigi.IntParameter(default=50, description="steps between resumable checkpoints")
 
     def upstream(self):
         return {"Corpus": Corpus()}
@@ -39,13 +29,7 @@ class BaseModel(Stage):
         if checkpoint:
             params["checkpoint_sha256"] = content_hash(checkpoint)
             return params
-        for name in TRAINING:
-            value = getattr(self, name)
-            if isinstance(value, int) and name != "seed" and value <= 0:
-                raise ValueError(f"BaseModel {name} is {value}, expected a positive integer")
-            params[name] = value
-        params["world_size"] = settings.nproc_per_node * settings.nnodes
-        return params
+        return {**params, **self.training_params()}
 
     def build(self, build, inputs) -> None:
         from pipeline import data
@@ -65,9 +49,7 @@ class BaseModel(Stage):
                 save_pretrained(model, build.path)
             build.extra["source"] = {"checkpoint": str(checkpoint)}
         else:
-            args = ["--model", train_model_name(settings.model), "--data", str(corpus.path), "--log-interval", str(self.log_interval),
-                    "--save-interval", str(self.save_interval), *training_flags(self, TRAINING)]
-            build.metrics.update(run_training(build, args, self.log_interval))
+            self.train(build, "--model", train_model_name(settings.model), "--data", str(corpus.path))
         shutil.copyfile(corpus.file("tokenizer.json"), build.path / "tokenizer.json")
         with build.timed("evaluate"):
             model = from_pretrained(build.path)

@@ -8,20 +8,15 @@ import luigi
 
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus
-from tasks.stage import Stage, pipeline_settings
-from tasks.training import run_training, train_model_name, training_flags
-
-TRAINING = ("steps", "batch_size", "grad_accum", "seq_len", "start_lr", "warmup", "weight_decay", "seed",
-            "kd_ce_logits", "kd_temp", "kd_mse_last_hidden", "kd_mse_hidden", "kd_loss_scale", "act_l1")
+from tasks.stage import pipeline_settings
+from tasks.training import TrainingStage, train_model_name
 
 
-class ReluModel(Stage):
+class ReluModel(TrainingStage):
+    TRAINING = TrainingStage.TRAINING + ("kd_ce_logits", "kd_temp", "kd_mse_last_hidden", "kd_mse_hidden",
+                                         "kd_loss_scale", "act_l1")
     steps = luigi.IntParameter(default=400)
-    batch_size = luigi.IntParameter(default=16)
-    grad_accum = luigi.IntParameter(default=1)
-    seq_len = luigi.IntParameter(default=128)
     start_lr = luigi.FloatParameter(default=5e-4)
-    warmup = luigi.IntParameter(default=20)
     weight_decay = luigi.FloatParameter(default=0.0)
     seed = luigi.IntParameter(default=1)
     kd_ce_logits = luigi.FloatParameter(default=1.0, description="soft cross-entropy against the teacher's logits")
@@ -30,20 +25,12 @@ class ReluModel(Stage):
     kd_mse_hidden = luigi.FloatParameter(default=0.0)
     kd_loss_scale = luigi.FloatParameter(default=1.0)
     act_l1 = luigi.FloatParameter(default=0.0, description="L1 penalty on FFN activations (raises sparsity)")
-    eval_tokens = luigi.IntParameter(default=65536)
-    log_interval = luigi.IntParameter(default=10)
-    save_interval = luigi.IntParameter(default=50)
 
     def upstream(self):
         return {"Corpus": Corpus(), "BaseModel": BaseModel()}
 
     def effective_params(self) -> dict:
-        settings = pipeline_settings()
-        params = {name: getattr(self, name) for name in TRAINING}
-        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
-            if params[name] <= 0:
-                raise ValueError(f"ReluModel {name} is {params[name]}, expected a positive integer")
-        return {**params, "eval_tokens": self.eval_tokens, "world_size": settings.nproc_per_node * settings.nnodes}
+        return {**self.training_params(), "eval_tokens": self.eval_tokens}
 
     def build(self, build, inputs) -> None:
         from pipeline import data
@@ -51,11 +38,8 @@ class ReluModel(Stage):
         from pipeline.models import from_pretrained
 
         corpus, base = inputs["Corpus"], inputs["BaseModel"]
-        args = ["--model", train_model_name(pipeline_settings().model, "-relu"), "--load", str(base.path),
-                "--use-kd", "--load-teacher", str(base.path), "--data", str(corpus.path),
-                "--log-interval", str(self.log_interval), "--save-interval", str(self.save_interval),
-                *training_flags(self, TRAINING)]
-        build.metrics.update(run_training(build, args, self.log_interval))
+        self.train(build, "--model", train_model_name(pipeline_settings().model, "-relu"), "--load", str(base.path),
+                   "--use-kd", "--load-teacher", str(base.path), "--data", str(corpus.path))
         shutil.copyfile(corpus.file("tokenizer.json"), build.path / "tokenizer.json")
         valid = data.load_tokens(corpus.file("valid.npy"))
         with build.timed("evaluate"):

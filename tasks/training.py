@@ -4,7 +4,44 @@ from __future__ import annotations
 import json
 import re
 
-from tasks.stage import pipeline_settings, run_logged
+import luigi
+
+from tasks.stage import Stage, pipeline_settings, run_logged
+
+
+class TrainingStage(Stage):
+    """A stage that trains under torchrun: the parameters every training stage shares. Each
+    subclass lists in ``TRAINING`` those passed to ``pipeline.train`` (and so in its version)."""
+
+    TRAINING: tuple[str, ...] = ("steps", "batch_size", "grad_accum", "seq_len", "start_lr", "warmup",
+                                 "weight_decay", "seed")
+    steps = luigi.IntParameter(default=1000)
+    batch_size = luigi.IntParameter(default=16, description="global batch in sequences")
+    grad_accum = luigi.IntParameter(default=1)
+    seq_len = luigi.IntParameter(default=128)
+    start_lr = luigi.FloatParameter(default=1e-3)
+    warmup = luigi.IntParameter(default=20)
+    weight_decay = luigi.FloatParameter(default=0.1)
+    seed = luigi.IntParameter(default=0)
+    eval_tokens = luigi.IntParameter(default=65536, description="held-out tokens for perplexity (0: all)")
+    log_interval = luigi.IntParameter(default=10)
+    save_interval = luigi.IntParameter(default=50, description="steps between resumable checkpoints")
+
+    def training_params(self) -> dict:
+        """The training parameters, checked, with the world size they run on."""
+        params = {name: getattr(self, name) for name in self.TRAINING}
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            if params[name] <= 0:
+                raise ValueError(f"{self.stage_name} {name} is {params[name]}, expected a positive integer")
+        settings = pipeline_settings()
+        return {**params, "world_size": settings.nproc_per_node * settings.nnodes}
+
+    def train(self, build, *args: str) -> None:
+        """Run pipeline.train with ``args`` and this stage's training parameters; record its metrics."""
+        flags = [*args, "--log-interval", str(self.log_interval), "--save-interval", str(self.save_interval)]
+        for name in self.TRAINING:
+            flags += ["--" + name.replace("_", "-"), str(getattr(self, name))]
+        build.metrics.update(run_training(build, flags, self.log_interval))
 
 
 def run_training(build, train_args: list[str], log_interval: int) -> dict:
@@ -34,14 +71,6 @@ def run_training(build, train_args: list[str], log_interval: int) -> dict:
         "final_train_loss": log["loss"][-1][1],
         "loss_curve": [p for p in log["loss"] if p[0] % log_interval == 0 or p[0] == steps],
     }
-
-
-def training_flags(task, names) -> list[str]:
-    """``--name value`` for each of the task's parameters ``names`` (underscores become dashes)."""
-    out = []
-    for name in names:
-        out += ["--" + name.replace("_", "-"), str(getattr(task, name))]
-    return out
 
 
 def train_model_name(preset: str, variant: str = "") -> str:
