@@ -57,7 +57,8 @@ def test_only_stale_stages_rerun_and_status_says_why(project):
     assert "--nproc_per_node=2" in (p.artifacts / "BaseModel" / two_rank / "stage.log").read_text()
 
     # A comment edit in a stage's module changes nothing.
-    p.edit("tasks/base_model.py", "class BaseModel(Stage):", "# A comment nobody runs.\nclass BaseModel(Stage):  # see")
+    p.edit("tasks/base_model.py", "class BaseModel(TrainingStage):",
+           "# A comment nobody runs.\nclass BaseModel(TrainingStage):  # see")
     st = p.status("--pipeline-nproc-per-node", "2")
     assert st["Corpus"]["state"] == st["BaseModel"]["state"] == "up-to-date"
     out = p.luigi("BaseModel", "--pipeline-nproc-per-node", "2")
@@ -65,7 +66,7 @@ def test_only_stale_stages_rerun_and_status_says_why(project):
     assert len(p.versions("BaseModel")) == 3
 
     # A code edit reruns that stage only, and status names the file.
-    p.edit("tasks/base_model.py", "TRAINING = (", "NOTE = 'edited'\nTRAINING = (")
+    p.edit("tasks/base_model.py", "class BaseModel(TrainingStage):", "NOTE = 'edited'\n\n\nclass BaseModel(TrainingStage):")
     st = p.status("--pipeline-nproc-per-node", "2")
     assert st["Corpus"]["state"] == "up-to-date"
     assert st["BaseModel"]["reasons"] == ["source file tasks/base_model.py changed"]
