@@ -52,12 +52,17 @@ def int8_backend(device_type: str = "cpu") -> str:
 CHUNK = 1 << 18  # elements per chunk of the cache-blocked quantizer (1 MiB of fp32)
 
 
-def absmax_scale(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """fp16(fp32(max |x|) / 127) along ``dim`` (kept), ignoring NaN."""
+def _absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """fp32(max |x|) along ``dim`` (kept), ignoring NaN."""
     a = torch.linalg.vector_norm(x, float("inf"), dim=dim, keepdim=True).float()  # one pass, exact
     if torch.isnan(a).any():  # rare: recompute with NaN counted as 0
         a = torch.where(torch.isnan(x), torch.zeros_like(x), x).abs().amax(dim=dim, keepdim=True).float()
-    return (a / INT8_MAX).half()
+    return a
+
+
+def absmax_scale(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """fp16(fp32(max |x|) / 127) along ``dim`` (kept), ignoring NaN."""
+    return (_absmax(x, dim) / INT8_MAX).half()
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -150,16 +155,10 @@ def _scaled(acc: torch.Tensor, s: torch.Tensor, fp16: bool) -> torch.Tensor:
 
 
 def _quantize_grad(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row/column quantization of the fp32 gradient product ``t``: (qG as int8, s in fp32)."""
-    a = torch.linalg.vector_norm(t, float("inf"), dim=dim, keepdim=True)
-    if torch.isnan(a).any():
-        a = torch.where(torch.isnan(t), torch.zeros_like(t), t).abs().amax(dim=dim, keepdim=True)
-    s = a / INT8_MAX
-    q = t / torch.where(s == 0, torch.full_like(s, float("inf")), s)
-    q.round_()
-    if _has_nan(q):
-        q.nan_to_num_(nan=0.0)
-    return q.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), s
+    """Per-row/column quantization of the fp32 gradient product ``t``, its scale kept in fp32:
+    (qG as int8, s)."""
+    s = _absmax(t, dim) / INT8_MAX
+    return _quantize_into(t, s, torch.empty_like(t)), s
 
 
 def _reduce_to(grad: torch.Tensor, batch: int) -> torch.Tensor:
