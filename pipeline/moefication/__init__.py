@@ -1,0 +1,5 @@
+"""MoEfication (Zhang et al., 2022): split each FFN's neurons into experts and route tokens to a
+few of them. Built step by step; so far the parameter clustering."""
+from pipeline.moefication.clustering import balanced_kmeans, cosine_to_centroid, random_split
+
+__all__ = ["balanced_kmeans", "random_split", "cosine_to_centroid"]

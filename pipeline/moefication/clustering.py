@@ -1,0 +1,95 @@
+"""Parameter clustering: the neurons of one FFN (rows of ``fc_in``) into equal-size experts.
+
+Balanced spherical k-means: rows are L2-normalised (neurons whose input weights point the same
+way fire together), centroids are the normalised means of their experts, and the assignment
+step gives every expert exactly ``rows / num_expert`` neurons.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _check(n_rows: int, num_expert: int) -> int:
+    if num_expert <= 0 or n_rows % num_expert:
+        raise ValueError(f"num_expert {num_expert} does not divide the {n_rows} neurons into equal experts "
+                         f"(expected a divisor of {n_rows})")
+    return n_rows // num_expert
+
+
+def balanced_assign(scores: torch.Tensor, size: int) -> torch.Tensor:
+    """Labels (n,) giving each of the k columns exactly ``size`` rows, greedily by score: every
+    unassigned row proposes to its best expert that still has room; an expert takes its best
+    proposals up to its room; repeat. Ties go to the lower index (deterministic)."""
+    n, k = scores.shape
+    labels = torch.full((n,), -1, dtype=torch.long)
+    room = torch.full((k,), size, dtype=torch.long)
+    scores = scores.clone()
+    while (unassigned := (labels < 0).nonzero().squeeze(1)).numel():
+        best, choice = scores[unassigned].max(dim=1)
+        # sort proposals by expert, then by score (best first), stable for ties
+        order = torch.argsort(-best, stable=True)
+        order = order[torch.argsort(choice[order], stable=True)]
+        chosen = choice[order]
+        first = torch.searchsorted(chosen, torch.arange(k))
+        rank = torch.arange(len(order)) - first[chosen]
+        accept = rank < room[chosen]
+        labels[unassigned[order[accept]]] = chosen[accept]
+        room -= torch.bincount(chosen[accept], minlength=k)
+        scores[:, room == 0] = float("-inf")
+    return labels
+
+
+def _centroids(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+    return F.normalize(sums, dim=1)
+
+
+def _init_centroids(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding on the sphere: each next centroid drawn with probability proportional to
+    the squared distance (2 - 2 cos) to the nearest one chosen so far."""
+    first = int(torch.randint(len(x), (1,), generator=gen))
+    chosen = [first]
+    nearest = 2 - 2 * (x @ x[first])
+    for _ in range(1, k):
+        probs = nearest.clamp_min(0)
+        idx = int(torch.multinomial(probs / probs.sum(), 1, generator=gen)) if probs.sum() > 0 \
+            else int(torch.randint(len(x), (1,), generator=gen))
+        chosen.append(idx)
+        nearest = torch.minimum(nearest, 2 - 2 * (x @ x[idx]))
+    return x[chosen].clone()
+
+
+def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30) -> np.ndarray:
+    """One expert label per row (numpy int array), every expert holding exactly
+    ``len(rows) / num_expert`` rows; deterministic for a seed."""
+    x = F.normalize(torch.as_tensor(np.asarray(rows), dtype=torch.float32), dim=1)
+    size = _check(len(x), num_expert)
+    gen = torch.Generator().manual_seed(seed)
+    centroids = _init_centroids(x, num_expert, gen)
+    labels = None
+    for _ in range(iterations):
+        new = balanced_assign(x @ centroids.T, size)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        centroids = _centroids(x, labels, num_expert)
+    return labels.numpy()
+
+
+def random_split(n_rows: int, num_expert: int, seed: int = 0) -> np.ndarray:
+    """The baseline the paper compares to: a random partition into equal experts."""
+    size = _check(n_rows, num_expert)
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    labels = np.empty(n_rows, dtype=np.int64)
+    labels[perm] = np.arange(n_rows) // size
+    return labels
+
+
+def cosine_to_centroid(rows, labels: np.ndarray) -> float:
+    """Mean cosine similarity of each (normalised) row to its expert's normalised centroid."""
+    x = F.normalize(torch.as_tensor(np.asarray(rows), dtype=torch.float32), dim=1)
+    lab = torch.as_tensor(labels, dtype=torch.long)
+    centroids = _centroids(x, lab, int(lab.max()) + 1)
+    return float((x * centroids[lab]).sum(1).mean())

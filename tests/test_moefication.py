@@ -1,0 +1,51 @@
+"""Parameter clustering into equal-size experts (the first step of MoEfication)."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.moefication import balanced_kmeans, cosine_to_centroid, random_split
+from pipeline.moefication.clustering import balanced_assign
+
+
+def planted(n_groups=16, per_group=32, dim=64, noise=0.3, seed=0):
+    """Rows drawn around ``n_groups`` directions, exactly ``per_group`` each, shuffled."""
+    rng = np.random.default_rng(seed)
+    truth = rng.permutation(np.repeat(np.arange(n_groups), per_group))
+    centers = rng.normal(size=(n_groups, dim))
+    return centers[truth] + noise * rng.normal(size=(len(truth), dim)), truth
+
+
+def test_experts_have_exactly_equal_size():
+    rows = np.random.default_rng(1).normal(size=(600, 32))
+    for k in (1, 5, 12, 600):
+        labels = balanced_kmeans(rows, k)
+        assert labels.dtype.kind == "i" and labels.shape == (600,)
+        assert (np.bincount(labels, minlength=k) == 600 // k).all()
+
+
+def test_recovers_planted_experts_and_beats_a_random_split():
+    rows, truth = planted()
+    labels = balanced_kmeans(rows, 16, seed=0)
+    # the same partition up to renaming: every found expert is one planted group
+    assert all(len(set(truth[labels == e])) == 1 for e in range(16))
+    assert cosine_to_centroid(rows, labels) > 0.9 > 0.3 > cosine_to_centroid(rows, random_split(len(rows), 16))
+
+
+def test_deterministic_for_a_seed():
+    rows = np.random.default_rng(2).normal(size=(256, 16))
+    a = balanced_kmeans(rows, 8, seed=3)
+    assert (a == balanced_kmeans(rows, 8, seed=3)).all()
+    assert (random_split(256, 8, seed=1) == random_split(256, 8, seed=1)).all()
+    assert not (random_split(256, 8, seed=1) == random_split(256, 8, seed=2)).all()
+
+
+def test_balanced_assignment_prefers_best_scores_within_capacity():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.6], [0.1, 0.0]])
+    # expert 0 has room for 2: rows 0 and 1 (the best) get it, rows 2 and 3 go to expert 1
+    assert balanced_assign(scores, 2).tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("k", [0, 7])
+def test_num_expert_must_divide_the_neurons(k):
+    with pytest.raises(ValueError, match=f"num_expert {k} does not divide the 64 neurons into equal experts"):
+        balanced_kmeans(np.ones((64, 4)), k)
