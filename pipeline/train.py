@@ -411,14 +411,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def torchrun_command(args: list[str], nproc_per_node: int = 1, nnodes: int = 1, rdzv_endpoint: str = "",
-                     rdzv_id: str = "pipeline") -> list[str]:
-    """The command that runs this entry point under torchrun (the interpreter's own torch.distributed.run)."""
+                     rdzv_id: str = "pipeline", module: str = "pipeline.train") -> list[str]:
+    """The command that runs ``module`` (by default this entry point) under torchrun (the
+    interpreter's own torch.distributed.run)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}"]
     if nnodes == 1 and not rdzv_endpoint:
         cmd.append("--standalone")
     else:
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
-    return cmd + ["-m", "pipeline.train", *args]
+    return cmd + ["-m", module, *args]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Hidden-state dump, run under torchrun: the input of every layer's ``fc_in`` for a token budget,
+written to HDF5 as it is computed.
+
+    torchrun --nproc_per_node=N -m pipeline.moefication.hidden --model DIR --data CORPUS --out DIR
+
+Each rank writes its own shard (``shard-<rank>.h5``: one fp16 dataset per layer, chunked by
+rows, plus a ``heldout`` flag per token) while its windows stream through the model, so memory
+stays bounded by one batch whatever the budget; rank 0 then joins the shards into
+``hidden_states.h5`` through HDF5 virtual datasets (no copy). A shard marked complete is not
+computed again when the dump is restarted. The last ``heldout_fraction`` of the tokens come from
+the corpus' valid split and are flagged for evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.data import load_tokens
+from pipeline.evaluate import windows
+from pipeline.models import from_pretrained
+
+HIDDEN = "hidden_states.h5"
+CHUNK_ROWS = 1024
+
+
+def layer_name(i: int) -> str:
+    return f"layer_{i:03d}"
+
+
+def plan_windows(corpus: Path, seq_len: int, token_budget: int, heldout_fraction: float):
+    """(windows (n, seq_len) int64, heldout flag per window): training windows then held-out ones."""
+    n_heldout = int(round(token_budget * heldout_fraction))
+    train, valid = load_tokens(corpus / "train.npy"), load_tokens(corpus / "valid.npy")
+    for name, split, need in (("train", train, token_budget - n_heldout), ("valid", valid, n_heldout)):
+        if need > len(split) - 1:
+            raise ValueError(f"token budget: {need} tokens asked of the {name} split, which holds {len(split)}; "
+                             f"lower token_budget or heldout_fraction")
+    parts = [windows(train, seq_len, token_budget - n_heldout)[:, :-1]]
+    flags = [np.zeros(len(parts[0]), dtype=bool)]
+    if n_heldout:
+        parts.append(windows(valid, seq_len, n_heldout)[:, :-1])
+        flags.append(np.ones(len(parts[1]), dtype=bool))
+    return np.concatenate(parts), np.concatenate(flags)
+
+
+def write_shard(model, shard: Path, wins: np.ndarray, flags: np.ndarray, batch_size: int, desc: str) -> None:
+    """Stream the windows through the model, writing every layer's fc_in input as it comes."""
+    d_model, seq_len = model.config.n_embd, wins.shape[1]
+    n = len(wins) * seq_len
+    tmp = shard.with_suffix(".partial")
+    captured: list[torch.Tensor] = []
+    hooks = [block.mlp.fc_in.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+             for block in model.transformer.h]
+    try:
+        with h5py.File(tmp, "w") as f, torch.no_grad():
+            sets = [f.create_dataset(layer_name(i), shape=(n, d_model), dtype="f2",
+                                     chunks=(min(CHUNK_ROWS, max(n, 1)), d_model))
+                    for i in range(len(model.transformer.h))]
+            f.create_dataset("heldout", data=np.repeat(flags, seq_len))
+            row = 0
+            for start in tqdm(range(0, len(wins), batch_size), desc=desc, unit="batch", leave=False):
+                batch = torch.from_numpy(wins[start:start + batch_size])
+                captured.clear()
+                model(batch)
+                rows = batch.numel()
+                for dataset, x in zip(sets, captured):
+                    dataset[row:row + rows] = x.reshape(rows, d_model).half().numpy()
+                row += rows
+            f.attrs["complete"] = True
+    finally:
+        for h in hooks:
+            h.remove()
+    os.replace(tmp, shard)
+
+
+def shard_complete(shard: Path) -> bool:
+    try:
+        with h5py.File(shard, "r") as f:
+            return bool(f.attrs.get("complete", False))
+    except OSError:
+        return False
+
+
+def join_shards(out: Path, shards: list[Path], n_layers: int, d_model: int) -> None:
+    """``hidden_states.h5``: per layer a virtual dataset over the shards (relative paths, so the
+    directory can move), and the joined heldout flags."""
+    sizes = []
+    for s in shards:
+        with h5py.File(s, "r") as f:
+            sizes.append(f[layer_name(0)].shape[0])
+    total = sum(sizes)
+    with h5py.File(out, "w", libver="latest") as f:
+        for i in range(n_layers):
+            layout = h5py.VirtualLayout(shape=(total, d_model), dtype="f2")
+            row = 0
+            for shard, size in zip(shards, sizes):
+                layout[row:row + size] = h5py.VirtualSource(shard.name, layer_name(i), shape=(size, d_model))
+                row += size
+            f.create_virtual_dataset(layer_name(i), layout)
+        flags = []
+        for s in shards:
+            with h5py.File(s, "r") as src:
+                flags.append(src["heldout"][:])
+        f.create_dataset("heldout", data=np.concatenate(flags))
+        f.attrs.update({"tokens": total, "layers": n_layers, "d_model": d_model})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.moefication.hidden", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="the ReLU model directory")
+    p.add_argument("--data", required=True, type=Path, help="a Corpus artifact directory")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--token-budget", type=int, default=65536)
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    try:
+        wins, flags = plan_windows(args.data, args.seq_len, args.token_budget, args.heldout_fraction)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        dist.init_process_group("gloo")
+    model = from_pretrained(args.model).eval()
+    args.out.mkdir(parents=True, exist_ok=True)
+    shards = [args.out / f"shard-{r}.h5" for r in range(world)]
+    mine = np.array_split(np.arange(len(wins)), world)[rank]
+    if shard_complete(shards[rank]):
+        print(f"rank {rank}: {shards[rank].name} is complete, not recomputed", flush=True)
+    else:
+        write_shard(model, shards[rank], wins[mine], flags[mine], args.batch_size, f"hidden states (rank {rank})")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        join_shards(args.out / HIDDEN, shards, model.config.n_layer, model.config.n_embd)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

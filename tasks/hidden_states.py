@@ -1,0 +1,56 @@
+"""HiddenStates: the ReLU model's FFN inputs (every layer's ``fc_in`` input) over a token budget,
+in one HDF5 file joined from per-rank shards (torchrun)."""
+from __future__ import annotations
+
+import luigi
+
+from tasks.corpus import Corpus
+from tasks.relu_model import ReluModel
+from tasks.stage import Stage, pipeline_settings, run_logged
+
+
+class HiddenStates(Stage):
+    token_budget = luigi.IntParameter(default=65536, description="tokens to run through the model")
+    heldout_fraction = luigi.FloatParameter(default=0.1, description="share of the budget taken from the valid split")
+    seq_len = luigi.IntParameter(default=128)
+    batch_size = luigi.IntParameter(default=8)
+
+    def upstream(self):
+        return {"Corpus": Corpus(), "ReluModel": ReluModel()}
+
+    def effective_params(self) -> dict:
+        if self.token_budget < self.seq_len:
+            raise ValueError(f"HiddenStates token_budget is {self.token_budget}, expected at least one window "
+                             f"of seq_len {self.seq_len}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"HiddenStates heldout_fraction is {self.heldout_fraction}, expected 0 <= x < 1")
+        settings = pipeline_settings()
+        return {"token_budget": self.token_budget, "heldout_fraction": self.heldout_fraction,
+                "seq_len": self.seq_len, "world_size": settings.nproc_per_node * settings.nnodes}
+
+    def build(self, build, inputs) -> None:
+        import h5py
+
+        from pipeline import train
+        from pipeline.moefication.hidden import HIDDEN
+
+        settings = pipeline_settings()
+        # finished shards survive a crash: the scratch directory is kept while this marker exists
+        build.resume_dir.mkdir(exist_ok=True)
+        (build.resume_dir / "shards-in-progress").touch()
+        args = ["--model", str(inputs["ReluModel"].path), "--data", str(inputs["Corpus"].path),
+                "--out", str(build.path), "--token-budget", str(self.token_budget),
+                "--heldout-fraction", str(self.heldout_fraction), "--seq-len", str(self.seq_len),
+                "--batch-size", str(self.batch_size)]
+        cmd = train.torchrun_command(args, settings.nproc_per_node, settings.nnodes, settings.rdzv_endpoint,
+                                     module="pipeline.moefication.hidden")
+        with build.timed("dump"):
+            run_logged(cmd, build.path / "dump.log")
+        with h5py.File(build.path / HIDDEN, "r") as f:
+            tokens, heldout = int(f.attrs["tokens"]), int(f["heldout"][:].sum())
+            layers, d_model = int(f.attrs["layers"]), int(f.attrs["d_model"])
+        build.metrics.update({
+            "tokens": tokens, "heldout_tokens": heldout, "layers": layers, "d_model": d_model,
+            "bytes": sum(p.stat().st_size for p in build.path.glob("*.h5")),
+            "tokens_per_s": round(tokens / max(build.timings["dump"], 1e-9), 1),
+        })
