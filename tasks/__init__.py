@@ -1,13 +1,25 @@
 """Luigi tasks, one module per stage: ``luigi --module tasks BaseModel``."""
+import luigi
+
 from tasks.stage import Stage, check_config, pipeline_settings
 from tasks.corpus import Corpus
 from tasks.base_model import BaseModel
 from tasks.relu_model import ReluModel
 from tasks.hidden_states import HiddenStates
+from tasks.expert_clusters import ExpertClusters
 
 # The stages whose upstream closure is "the whole current graph" (status, gc, the no-op bench).
-TARGETS = (HiddenStates,)
+TARGETS = (HiddenStates, ExpertClusters)
 
-check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates])
 
-__all__ = ["Stage", "pipeline_settings", "Corpus", "BaseModel", "ReluModel", "HiddenStates", "TARGETS"]
+class AllStages(luigi.WrapperTask):
+    """Every stage of the current graph: ``luigi --module tasks AllStages``."""
+
+    def requires(self):
+        return [cls() for cls in TARGETS]
+
+
+check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates, ExpertClusters])
+
+__all__ = ["Stage", "pipeline_settings", "Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters",
+           "AllStages", "TARGETS"]

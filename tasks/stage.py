@@ -32,6 +32,13 @@ class pipeline_settings(luigi.Config):
     nnodes = luigi.IntParameter(default=1, description="torchrun nodes")
     rdzv_endpoint = luigi.Parameter(default="", description="torchrun rendezvous host:port when nnodes > 1")
 
+    def architecture(self):
+        """The GPTJConfig of the model this run compresses: the checkpoint's, or the preset's."""
+        from pipeline.models.config import checkpoint_config
+        from pipeline.models.presets import get_preset
+
+        return checkpoint_config(self.checkpoint) if self.checkpoint else get_preset(self.model)
+
     def checkpoint_dir(self) -> Path | None:
         """The checkpoint directory, validated (it exists and holds a GPT-J config and weights), or None."""
         if not self.checkpoint:

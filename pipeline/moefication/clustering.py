@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _check(n_rows: int, num_expert: int) -> int:
+def check_experts(n_rows: int, num_expert: int) -> int:
     if num_expert <= 0 or n_rows % num_expert:
         raise ValueError(f"num_expert {num_expert} does not divide the {n_rows} neurons into equal experts "
                          f"(expected a divisor of {n_rows})")
@@ -65,7 +65,7 @@ def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30) 
     """One expert label per row (numpy int array), every expert holding exactly
     ``len(rows) / num_expert`` rows; deterministic for a seed."""
     x = F.normalize(torch.as_tensor(np.asarray(rows), dtype=torch.float32), dim=1)
-    size = _check(len(x), num_expert)
+    size = check_experts(len(x), num_expert)
     gen = torch.Generator().manual_seed(seed)
     centroids = _init_centroids(x, num_expert, gen)
     labels = None
@@ -80,11 +80,19 @@ def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30) 
 
 def random_split(n_rows: int, num_expert: int, seed: int = 0) -> np.ndarray:
     """The baseline the paper compares to: a random partition into equal experts."""
-    size = _check(n_rows, num_expert)
+    size = check_experts(n_rows, num_expert)
     perm = np.random.default_rng(seed).permutation(n_rows)
     labels = np.empty(n_rows, dtype=np.int64)
     labels[perm] = np.arange(n_rows) // size
     return labels
+
+
+def expert_centroids(rows, labels: np.ndarray) -> torch.Tensor:
+    """(num_expert, dim): the normalised mean of each expert's normalised rows (the router's
+    initial first layer)."""
+    x = F.normalize(torch.as_tensor(np.asarray(rows), dtype=torch.float32), dim=1)
+    lab = torch.as_tensor(labels, dtype=torch.long)
+    return _centroids(x, lab, int(lab.max()) + 1)
 
 
 def cosine_to_centroid(rows, labels: np.ndarray) -> float:
