@@ -7,9 +7,10 @@ from tasks.base_model import BaseModel
 from tasks.relu_model import ReluModel
 from tasks.hidden_states import HiddenStates
 from tasks.expert_clusters import ExpertClusters
+from tasks.routers import Routers
 
 # The stages whose upstream closure is "the whole current graph" (status, gc, the no-op bench).
-TARGETS = (HiddenStates, ExpertClusters)
+TARGETS = (Routers,)
 
 
 class AllStages(luigi.WrapperTask):
@@ -19,7 +20,7 @@ class AllStages(luigi.WrapperTask):
         return [cls() for cls in TARGETS]
 
 
-check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates, ExpertClusters])
+check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates, ExpertClusters, Routers])
 
 __all__ = ["Stage", "pipeline_settings", "Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters",
-           "AllStages", "TARGETS"]
+           "Routers", "AllStages", "TARGETS"]

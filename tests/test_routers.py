@@ -1,0 +1,39 @@
+"""Routers on the smoke chain: they beat a random router; the pieces match their definitions."""
+import json
+
+import numpy as np
+import torch
+
+from pipeline.moefication.router import Router, coverage, expert_activation
+
+
+def test_routers_stage_beats_a_random_router(project):
+    project.luigi("Routers")
+    [path] = project.artifacts.glob("Routers/*/manifest.json")
+    m = json.loads(path.read_text())["metrics"]
+    assert m["num_expert"] == 8 and m["topk"] == 2
+    for layer in m["per_layer"]:
+        # a random choice of 2 of 8 experts covers 25% of the mass on average
+        assert layer["router_coverage"] > 0.25 + 0.05, layer
+        assert layer["router_coverage"] <= layer["groundtruth_coverage"] + 1e-6
+    assert 0 < m["mean_coverage_ratio"] <= 1
+
+
+def test_expert_mass_and_coverage_follow_their_definitions():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    w1 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]])
+    b1 = torch.zeros(4)
+    labels = torch.tensor([0, 1, 1, 0])
+    mass = expert_activation(x, w1, b1, labels, 2)
+    assert mass.tolist() == [[2.0, 0.0], [2.0, 2.0]]
+    assert coverage(mass, torch.tensor([[0], [1]])).tolist() == [1.0, 0.5]
+    assert coverage(torch.zeros(1, 2), torch.tensor([[0]])).tolist() == [1.0]
+
+
+def test_router_starts_from_centroids_and_identity():
+    centroids = torch.nn.functional.normalize(torch.randn(4, 6), dim=1)
+    r = Router(6, 4, centroids)
+    assert torch.equal(r.a.weight, centroids) and torch.equal(r.b.weight, torch.eye(4))
+    x = centroids[2] * 5
+    assert r(x[None]).argmax().item() == 2, "a token along a centroid picks that expert first"
+    assert np.isfinite(r(torch.zeros(1, 6)).detach().numpy()).all()
