@@ -12,7 +12,7 @@ from tasks.stage import Stage
 
 class Routers(Stage):
     topk_fraction = luigi.FloatParameter(default=0.2, description="share of experts selected per token")
-    epochs = luigi.IntParameter(default=2)
+    epochs = luigi.IntParameter(default=10)
     batch_size = luigi.IntParameter(default=512, description="tokens per router training step")
     lr = luigi.FloatParameter(default=0.01)
     seed = luigi.IntParameter(default=0)

@@ -79,4 +79,4 @@ def train_router(dataset, heldout: np.ndarray, w1: torch.Tensor, b1: torch.Tenso
             ideal.append(coverage(mass, mass.topk(topk, dim=1).indices))
     router_cov, ideal_cov = float(torch.cat(got).mean()), float(torch.cat(ideal).mean())
     return router, {"router_coverage": router_cov, "groundtruth_coverage": ideal_cov,
-                    "coverage_ratio": router_cov / ideal_cov, "final_loss": float(loss)}
+                    "coverage_ratio": router_cov / ideal_cov, "final_loss": float(loss.detach())}
