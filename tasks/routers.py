@@ -2,6 +2,8 @@
 hold the most positive activation; held-out coverage against groundtruth selection."""
 from __future__ import annotations
 
+import shutil
+
 import luigi
 
 from tasks.expert_clusters import ExpertClusters
@@ -55,6 +57,8 @@ class Routers(Stage):
                 tensors[f"layer_{i:03d}.a"] = router.a.weight.detach().contiguous()
                 tensors[f"layer_{i:03d}.b"] = router.b.weight.detach().contiguous()
                 per_layer.append({k: round(v, 4) for k, v in metrics.items()})
+        # with the clusters beside the routers, this directory is what BMMoE.moefy loads
+        shutil.copyfile(inputs["ExpertClusters"].file("clusters.safetensors"), build.path / "clusters.safetensors")
         save_file(tensors, str(build.path / "routers.safetensors"),
                   metadata={"num_expert": str(num_expert), "topk": str(topk)})
         ratios = [m["coverage_ratio"] for m in per_layer]

@@ -1,0 +1,75 @@
+"""BMMoE: run each FFN as a mixture of experts, computing only the top-k experts its router picks.
+
+Neurons are permuted so that every expert is a contiguous slice of ``fc_in``'s rows and
+``fc_out``'s columns (which changes nothing mathematically). Two execution paths give the same
+outputs: the simulation computes the dense FFN and masks the unchosen experts (equal to the dense
+model when ``topk == num_expert``); the sparse path gathers only the chosen experts' weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from pipeline.moefication.router import Router
+
+CLUSTERS, ROUTERS = "clusters.safetensors", "routers.safetensors"
+
+
+class MoEFFN(nn.Module):
+    def __init__(self, mlp, labels: torch.Tensor, router: Router, topk: int, sparse: bool = False):
+        super().__init__()
+        num_expert = router.b.weight.shape[0]
+        if not 1 <= topk <= num_expert:
+            raise ValueError(f"topk {topk} is out of range: expected 1 to num_expert ({num_expert})")
+        if mlp.activation != "relu":
+            raise ValueError("MoEfication needs a ReLU model (convert it with the ReluModel stage first)")
+        perm = torch.argsort(labels, stable=True)
+        self.register_buffer("w1", mlp.fc_in.weight.detach()[perm].contiguous())
+        self.register_buffer("b1", mlp.fc_in.bias.detach()[perm].contiguous())
+        self.register_buffer("w2", mlp.fc_out.weight.detach()[:, perm].contiguous())
+        self.register_buffer("b2", mlp.fc_out.bias.detach().clone())
+        self.router, self.topk, self.sparse = router, topk, sparse
+        self.num_expert, self.size = num_expert, len(labels) // num_expert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        chosen = self.router(flat).topk(self.topk, dim=-1).indices  # (tokens, k)
+        if self.sparse:
+            neurons = (chosen[:, :, None] * self.size + torch.arange(self.size)).flatten(1)  # (tokens, k*size)
+            h = torch.relu(torch.einsum("td,tnd->tn", flat, self.w1[neurons]) + self.b1[neurons])
+            out = torch.einsum("tn,tdn->td", h, self.w2[:, neurons].permute(1, 0, 2)) + self.b2
+        else:
+            h = torch.relu(flat @ self.w1.T + self.b1)
+            mask = torch.zeros(len(flat), self.num_expert, dtype=h.dtype).scatter_(1, chosen, 1.0)
+            out = (h * mask.repeat_interleave(self.size, dim=1)) @ self.w2.T + self.b2
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class BMMoE:
+    @staticmethod
+    def moefy(model, num_expert: int, topk: int, checkpoint_path, sparse: bool = False) -> None:
+        """Replace every FFN of ``model`` by its MoE version, from a directory holding the clusters
+        and routers (``clusters.safetensors``, ``routers.safetensors``: a Routers artifact)."""
+        path = Path(checkpoint_path)
+        for name in (CLUSTERS, ROUTERS):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} is missing: moefy needs the clusters and routers there")
+        clusters, routers = load_file(str(path / CLUSTERS)), load_file(str(path / ROUTERS))
+        moe = []  # built for every layer before any is replaced: a bad checkpoint changes nothing
+        for i, block in enumerate(model.transformer.h):
+            key = f"layer_{i:03d}"
+            if f"{key}.labels" not in clusters or f"{key}.a" not in routers:
+                raise ValueError(f"{path}: no clusters or router for layer {i}; they come from another model")
+            labels = clusters[f"{key}.labels"].long()
+            d_ff, d_model = block.mlp.fc_in.weight.shape
+            if len(labels) != d_ff or routers[f"{key}.a"].shape != (num_expert, d_model):
+                raise ValueError(f"{path}: layer {i}'s clusters or router do not fit this model with "
+                                 f"{num_expert} experts (they come from another model or setting)")
+            router = Router(routers[f"{key}.a"].shape[1], num_expert)
+            router.load_state_dict({"a.weight": routers[f"{key}.a"], "b.weight": routers[f"{key}.b"]})
+            moe.append(MoEFFN(block.mlp, labels, router, topk, sparse))
+        for block, ffn in zip(model.transformer.h, moe):
+            block.mlp = ffn

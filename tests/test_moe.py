@@ -1,0 +1,69 @@
+"""BMMoE.moefy: all experts equal the dense model; the sparse path equals the simulation."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.models import GPTJ, get_preset
+from pipeline.moefication import BMMoE, balanced_kmeans
+from pipeline.moefication.clustering import expert_centroids
+
+
+@pytest.fixture
+def relu_model_and_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = GPTJ(get_preset("gpt-j-smoke").replace(activation="relu")).eval()
+    clusters, routers = {}, {}
+    for i, block in enumerate(model.transformer.h):
+        rows = block.mlp.fc_in.weight.detach().numpy()
+        labels = balanced_kmeans(rows, 8, seed=i)
+        clusters[f"layer_{i:03d}.labels"] = torch.from_numpy(labels)
+        routers[f"layer_{i:03d}.a"] = expert_centroids(rows, labels) + 0.1 * torch.randn(8, 64)
+        routers[f"layer_{i:03d}.b"] = torch.eye(8) + 0.1 * torch.randn(8, 8)
+    save_file(clusters, str(tmp_path / "clusters.safetensors"))
+    save_file(routers, str(tmp_path / "routers.safetensors"))
+    return model, tmp_path
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_all_experts_equal_the_dense_model(relu_model_and_checkpoint):
+    model, ckpt = relu_model_and_checkpoint
+    ids = torch.randint(0, 512, (2, 20))
+    dense = logits(model, ids)
+    BMMoE.moefy(model, 8, 8, ckpt)
+    torch.testing.assert_close(logits(model, ids), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("topk", [1, 2, 5])
+def test_sparse_path_equals_the_simulation(relu_model_and_checkpoint, topk):
+    model, ckpt = relu_model_and_checkpoint
+    sparse = copy.deepcopy(model)
+    ids = torch.randint(0, 512, (2, 20))
+    dense = logits(model, ids)
+    BMMoE.moefy(model, 8, topk, ckpt)
+    BMMoE.moefy(sparse, 8, topk, ckpt, sparse=True)
+    simulated = logits(model, ids)
+    torch.testing.assert_close(logits(sparse, ids), simulated, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(simulated, dense, atol=1e-4), "fewer experts change the output"
+
+
+def test_bad_moefy_input(relu_model_and_checkpoint, tmp_path):
+    model, ckpt = relu_model_and_checkpoint
+    dense = logits(model, torch.arange(8)[None])
+    with pytest.raises(ValueError, match="topk 9 is out of range: expected 1 to num_expert \\(8\\)"):
+        BMMoE.moefy(model, 8, 9, ckpt)
+    assert torch.equal(logits(model, torch.arange(8)[None]), dense), "a refused moefy leaves the model as it was"
+    with pytest.raises(ValueError, match="do not fit this model with 16 experts"):
+        BMMoE.moefy(model, 16, 2, ckpt)
+    with pytest.raises(FileNotFoundError, match="clusters.safetensors is missing"):
+        BMMoE.moefy(model, 8, 2, tmp_path / "nowhere")
+    gelu = GPTJ(get_preset("gpt-j-smoke"))
+    with pytest.raises(ValueError, match="MoEfication needs a ReLU model"):
+        BMMoE.moefy(gelu, 8, 2, ckpt)
+    assert np.isfinite(logits(model, torch.randint(0, 512, (1, 4))).numpy()).all()
