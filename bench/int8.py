@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import int8_backend, linear
-from pipeline.quant import Int8Linear, _quantize_rows
+from pipeline.quant import Int8Linear, quantize_rows
 from timing import median_time
 
 SHAPES = [(4096, 4096), (4096, 16384)]  # (in, out)
@@ -31,7 +31,7 @@ def main() -> None:
     for k, n in SHAPES:
         w = torch.randn(n, k, device=dev) / k**0.5
         b = torch.randn(n, device=dev)
-        q, s = _quantize_rows(w)
+        q, s = quantize_rows(w)
         int8 = Int8Linear(q, s, b).to(dev)
         for t in (1, 16, 256):
             x = torch.randn(t, k, device=dev)

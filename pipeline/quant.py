@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from kernels.int8 import absmax_scale, int_matmul, int8_backend, quantize, rescale
+from kernels.int8 import int_matmul, int8_backend, rescale, scale_and_quantize
 from pipeline.models.config import GPTJConfig, checkpoint_config
 from pipeline.models.gptj import GPTJ
 
@@ -75,8 +75,8 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu":
             return torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm(), True).to(x.dtype)
         flat = x.reshape(-1, x.shape[-1])
-        s_x = absmax_scale(flat, dim=1)
-        acc = int_matmul(quantize(flat, s_x)[None], self.q_weight.t()[None], int8_backend(x.device.type))[0]
+        s_x, q_x = scale_and_quantize(flat, dim=1)
+        acc = int_matmul(q_x[None], self.q_weight.t()[None], int8_backend(x.device.type))[0]
         y = rescale(acc, s_x, self.scale[None]).to(x.dtype).reshape(*x.shape[:-1], -1)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
@@ -91,9 +91,10 @@ class Int8Embedding(nn.Module):
         return F.embedding(ids, self.q_weight).float() * self.scale[ids].float()
 
 
-def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    s = absmax_scale(w, dim=1)
-    return quantize(w, s), s.reshape(-1)
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (out, in) as int8 with one fp16 scale per row: the training forward's arithmetic."""
+    scale, q = scale_and_quantize(w, dim=1)
+    return q, scale.reshape(-1)
 
 
 def export_int8(model: GPTJ, path: Path) -> dict:
@@ -106,7 +107,7 @@ def export_int8(model: GPTJ, path: Path) -> dict:
     for name, t in model.state_dict().items():
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf == "weight":
-            q, s = _quantize_rows(t.detach().float())
+            q, s = quantize_rows(t.detach().float())
             tensors[f"{module}.q_weight"], tensors[f"{module}.scale"] = q.contiguous(), s.contiguous()
         else:
             tensors[name] = t.detach().half().contiguous()

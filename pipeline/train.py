@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline import memory
+from pipeline import distributed, memory
 from pipeline.data import load_tokens
 from pipeline.distill import BMDistill, DistillConfig, lm_forward
 from pipeline.models import GPTJ, GPTJConfig, checkpoint_config, get_preset, load_state_dict_from_dir, save_pretrained
@@ -187,21 +187,6 @@ def batch_at(tokens: np.ndarray, step: int, part: int, n: int, seq_len: int, see
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def check_args(args, world: int) -> None:
     for flag, feature in LATER.items():
         if getattr(args, flag):
@@ -223,7 +208,7 @@ def distill_config(args) -> DistillConfig:
                          loss_scale=args.kd_loss_scale)
 
 
-def teacher_config(args, student: GPTJConfig, teacher_file_config: GPTJConfig | None) -> GPTJConfig:
+def teacher_config(args, teacher_file_config: GPTJConfig | None) -> GPTJConfig:
     if teacher_file_config is not None:
         return teacher_file_config
     if args.teacher_model:
@@ -304,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher_state = teacher_cfg = None
     if args.use_kd:
         teacher_state, teacher_file_config = read_weights(args.load_teacher, "--load-teacher")
-        teacher_cfg = teacher_config(args, config, teacher_file_config)
+        teacher_cfg = teacher_config(args, teacher_file_config)
         if teacher_cfg.vocab_size != config.vocab_size:
             raise UsageError(f"the teacher's vocabulary ({teacher_cfg.vocab_size} tokens) differs from the "
                              f"student's ({config.vocab_size}); distillation needs the same tokenizer")
 
-    rank, world, device = setup_distributed()
+    rank, world, device = distributed.setup()
     dtype = compute_dtype(args, device)
     per_rank = args.batch_size // (world * args.grad_accum)
     sharding, plan = choose_sharding(args, config, world, device, teacher_cfg, per_rank, dtype)

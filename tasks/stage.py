@@ -149,13 +149,13 @@ def check_config(classes) -> None:
                                  f"expected {kind}") from None
 
 
-def run_logged(cmd: list[str], log_path: Path, cwd: Path | None = None) -> None:
+def run_logged(cmd: list[str], log_path: Path) -> None:
     """Run ``cmd``, streaming its output to the console and to ``log_path``; raise with the tail of
     the output when it fails."""
     tail: deque[str] = deque(maxlen=20)
     logger.info("running: %s", " ".join(cmd))
     with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, cwd=cwd, bufsize=1) as proc:
+                                                      text=True, bufsize=1) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.data import load_tokens
 from pipeline.evaluate import windows
 from pipeline.models import from_pretrained
@@ -123,14 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     try:
         wins, flags = plan_windows(args.data, args.seq_len, args.token_budget, args.heldout_fraction)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        dist.init_process_group("gloo")
+    rank, world, _ = distributed.setup(cpu_only=True)
     model = from_pretrained(args.model).eval()
     args.out.mkdir(parents=True, exist_ok=True)
     shards = [args.out / f"shard-{r}.h5" for r in range(world)]

@@ -1,0 +1,25 @@
+"""Process-group setup shared by the torchrun entry points (training, hidden-state dump)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(cpu_only: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; joins the process group when the
+    world has several ranks (nccl on GPU, gloo on CPU). On CPU each local rank takes its share
+    of the cores."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and not cpu_only:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
