@@ -9,7 +9,8 @@ OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
              $(if $(CHECKPOINT),--pipeline-checkpoint $(CHECKPOINT)) \
              $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
 
-.PHONY: setup base relu status gc gc-dry-run test bench clean-venv
+# `make moefy`: Corpus -> BaseModel -> ReluModel -> HiddenStates -> ExpertClusters -> Routers -> Moefied
+.PHONY: setup base relu moefy status gc gc-dry-run test bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ base: setup
 
 relu: setup
 	$(LUIGI) ReluModel $(OVERRIDES)
+
+moefy: setup
+	$(LUIGI) Moefied $(OVERRIDES)
 
 status: setup
 	$(PY) -m pipeline.status $(OVERRIDES)

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline import distributed, memory
+from pipeline import cli, distributed, memory
+from pipeline.cli import UsageError
 from pipeline.data import load_tokens
 from pipeline.distill import BMDistill, DistillConfig, lm_forward
 from pipeline.models import GPTJ, GPTJConfig, checkpoint_config, get_preset, load_state_dict_from_dir, save_pretrained
@@ -36,14 +37,6 @@ from pipeline.quant import BMQuant
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.json"
 LATER = {"use_pruning": "the 2:4 pruning stage", "save_hidden": "the MoEfication hidden-state dump"}
-
-
-class UsageError(SystemExit):
-    """Bad input, found before any work: one sentence, exit status 2."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-        self.code = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,4 +401,4 @@ def torchrun_command(args: list[str], nproc_per_node: int = 1, nnodes: int = 1, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -8,9 +8,10 @@ from tasks.relu_model import ReluModel
 from tasks.hidden_states import HiddenStates
 from tasks.expert_clusters import ExpertClusters
 from tasks.routers import Routers
+from tasks.moefied import Moefied
 
 # The stages whose upstream closure is "the whole current graph" (status, gc, the no-op bench).
-TARGETS = (Routers,)
+TARGETS = (Moefied,)
 
 
 class AllStages(luigi.WrapperTask):
@@ -20,7 +21,7 @@ class AllStages(luigi.WrapperTask):
         return [cls() for cls in TARGETS]
 
 
-check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates, ExpertClusters, Routers])
+check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates, ExpertClusters, Routers, Moefied])
 
 __all__ = ["Stage", "pipeline_settings", "Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters",
-           "Routers", "AllStages", "TARGETS"]
+           "Routers", "Moefied", "AllStages", "TARGETS"]

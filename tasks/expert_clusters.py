@@ -7,12 +7,10 @@ import luigi
 from tasks.relu_model import ReluModel
 from tasks.stage import Stage, pipeline_settings
 
-METHODS = ("balanced_kmeans", "random")
-
 
 class ExpertClusters(Stage):
     num_expert = luigi.IntParameter(default=32, description="experts per FFN layer (must divide d_ff)")
-    method = luigi.ChoiceParameter(default="balanced_kmeans", choices=METHODS)
+    method = luigi.ChoiceParameter(default="balanced_kmeans", choices=("balanced_kmeans", "random"))
     seed = luigi.IntParameter(default=0)
     iterations = luigi.IntParameter(default=30)
 
@@ -27,35 +25,12 @@ class ExpertClusters(Stage):
                 "iterations": self.iterations}
 
     def build(self, build, inputs) -> None:
-        import time
-
-        import torch
-        from safetensors.torch import save_file
-        from tqdm import tqdm
-
         from pipeline.models import load_state_dict_from_dir
-        from pipeline.moefication import balanced_kmeans, cosine_to_centroid, random_split
-        from pipeline.moefication.clustering import expert_centroids
+        from pipeline.moefication.clustering import CLUSTERS
+        from pipeline.moefication.param_cluster import TEMPLATE, cluster_layers, fc_in_weights, save_clusters
 
         state = load_state_dict_from_dir(inputs["ReluModel"].path)
-        layers = sorted({int(k.split(".")[2]) for k in state if k.endswith("mlp.fc_in.weight")})
-        tensors, cosine, baseline, seconds = {}, [], [], []
-        for i in tqdm(layers, desc="clustering layers", unit="layer"):
-            rows = state[f"transformer.h.{i}.mlp.fc_in.weight"].float().numpy()
-            start = time.perf_counter()
-            if self.method == "balanced_kmeans":
-                labels = balanced_kmeans(rows, self.num_expert, seed=self.seed, iterations=self.iterations)
-            else:
-                labels = random_split(len(rows), self.num_expert, seed=self.seed)
-            seconds.append(round(time.perf_counter() - start, 3))
-            cosine.append(round(cosine_to_centroid(rows, labels), 4))
-            baseline.append(round(cosine_to_centroid(rows, random_split(len(rows), self.num_expert, self.seed)), 4))
-            tensors[f"layer_{i:03d}.labels"] = torch.from_numpy(labels)
-            tensors[f"layer_{i:03d}.centroids"] = expert_centroids(rows, labels)
-        save_file(tensors, str(build.path / "clusters.safetensors"),
-                  metadata={"num_expert": str(self.num_expert), "layers": str(len(layers))})
-        build.metrics.update({
-            "layers": len(layers), "num_expert": self.num_expert, "expert_size": len(rows) // self.num_expert,
-            "cosine_to_centroid": cosine, "mean_cosine_to_centroid": round(sum(cosine) / len(cosine), 4),
-            "random_split_cosine": baseline, "seconds_per_layer": seconds,
-        })
+        weights = fc_in_weights(state, TEMPLATE, pipeline_settings().architecture().n_layer)
+        tensors, metrics = cluster_layers(weights, self.num_expert, self.method, self.seed, self.iterations)
+        save_clusters(tensors, metrics, build.path / CLUSTERS)
+        build.metrics.update(metrics)

@@ -46,11 +46,15 @@ class Project:
         path.write_text(text.replace(old, new, 1))
 
 
-@pytest.fixture
-def project(tmp_path) -> Project:
-    root = tmp_path / "project"
+def make_project(root: Path) -> Project:
     root.mkdir()
     for name in ("pipeline", "tasks", "kernels"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "luigi.cfg", root / "luigi.cfg")
+    for name in ("luigi.cfg", "Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, root / name)
     return Project(root)
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    return make_project(tmp_path / "project")

@@ -1,22 +1,8 @@
-"""Routers on the smoke chain: they beat a random router; the pieces match their definitions."""
-import json
-
+"""The router's pieces match their definitions."""
 import numpy as np
 import torch
 
 from pipeline.moefication.router import Router, coverage, expert_activation
-
-
-def test_routers_stage_beats_a_random_router(project):
-    project.luigi("Routers")
-    [path] = project.artifacts.glob("Routers/*/manifest.json")
-    m = json.loads(path.read_text())["metrics"]
-    assert m["num_expert"] == 8 and m["topk"] == 2
-    for layer in m["per_layer"]:
-        # a random choice of 2 of 8 experts covers 25% of the mass on average
-        assert layer["router_coverage"] > 0.25 + 0.05, layer
-        assert layer["router_coverage"] <= layer["groundtruth_coverage"] + 1e-6
-    assert 0 < m["mean_coverage_ratio"] <= 1
 
 
 def test_expert_mass_and_coverage_follow_their_definitions():

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+CLUSTERS = "clusters.safetensors"  # labels and centroids per layer
+
 
 def check_experts(n_rows: int, num_expert: int) -> int:
     if num_expert <= 0 or n_rows % num_expert:

@@ -13,14 +13,20 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from pipeline.moefication.router import Router
+from pipeline.moefication.clustering import CLUSTERS
+from pipeline.moefication.router import ROUTERS, Router
 
-CLUSTERS, ROUTERS = "clusters.safetensors", "routers.safetensors"
+SELECTIONS = ("router", "groundtruth")
 
 
 class MoEFFN(nn.Module):
-    def __init__(self, mlp, labels: torch.Tensor, router: Router, topk: int, sparse: bool = False):
+    def __init__(self, mlp, labels: torch.Tensor, router: Router, topk: int, sparse: bool = False,
+                 selection: str = "router"):
         super().__init__()
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection {selection!r} is unknown; expected one of {', '.join(SELECTIONS)}")
+        if sparse and selection == "groundtruth":
+            raise ValueError("groundtruth selection needs every activation, so it runs only as the simulation")
         num_expert = router.b.weight.shape[0]
         if not 1 <= topk <= num_expert:
             raise ValueError(f"topk {topk} is out of range: expected 1 to num_expert ({num_expert})")
@@ -31,18 +37,22 @@ class MoEFFN(nn.Module):
         self.register_buffer("b1", mlp.fc_in.bias.detach()[perm].contiguous())
         self.register_buffer("w2", mlp.fc_out.weight.detach()[:, perm].contiguous())
         self.register_buffer("b2", mlp.fc_out.bias.detach().clone())
-        self.router, self.topk, self.sparse = router, topk, sparse
+        self.router, self.topk, self.sparse, self.selection = router, topk, sparse, selection
         self.num_expert, self.size = num_expert, len(labels) // num_expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        chosen = self.router(flat).topk(self.topk, dim=-1).indices  # (tokens, k)
         if self.sparse:
+            chosen = self.router(flat).topk(self.topk, dim=-1).indices  # (tokens, k)
             neurons = (chosen[:, :, None] * self.size + torch.arange(self.size)).flatten(1)  # (tokens, k*size)
             h = torch.relu(torch.einsum("td,tnd->tn", flat, self.w1[neurons]) + self.b1[neurons])
             out = torch.einsum("tn,tdn->td", h, self.w2[:, neurons].permute(1, 0, 2)) + self.b2
         else:
             h = torch.relu(flat @ self.w1.T + self.b1)
+            # groundtruth: the experts that hold the most positive activation
+            scores = h.reshape(len(flat), self.num_expert, self.size).sum(-1) if self.selection == "groundtruth" \
+                else self.router(flat)
+            chosen = scores.topk(self.topk, dim=-1).indices
             mask = torch.zeros(len(flat), self.num_expert, dtype=h.dtype).scatter_(1, chosen, 1.0)
             out = (h * mask.repeat_interleave(self.size, dim=1)) @ self.w2.T + self.b2
         return out.reshape(*x.shape[:-1], -1)
@@ -50,9 +60,12 @@ class MoEFFN(nn.Module):
 
 class BMMoE:
     @staticmethod
-    def moefy(model, num_expert: int, topk: int, checkpoint_path, sparse: bool = False) -> None:
+    def moefy(model, num_expert: int, topk: int, checkpoint_path, sparse: bool = False,
+              selection: str = "router") -> None:
         """Replace every FFN of ``model`` by its MoE version, from a directory holding the clusters
-        and routers (``clusters.safetensors``, ``routers.safetensors``: a Routers artifact)."""
+        and routers (``clusters.safetensors``, ``routers.safetensors``: a Routers artifact).
+        ``selection="groundtruth"`` picks the experts by their true activation (the upper bound a
+        router can reach; simulation only)."""
         path = Path(checkpoint_path)
         for name in (CLUSTERS, ROUTERS):
             if not (path / name).is_file():
@@ -70,6 +83,6 @@ class BMMoE:
                                  f"{num_expert} experts (they come from another model or setting)")
             router = Router(routers[f"{key}.a"].shape[1], num_expert)
             router.load_state_dict({"a.weight": routers[f"{key}.a"], "b.weight": routers[f"{key}.b"]})
-            moe.append(MoEFFN(block.mlp, labels, router, topk, sparse))
+            moe.append(MoEFFN(block.mlp, labels, router, topk, sparse, selection))
         for block, ffn in zip(model.transformer.h, moe):
             block.mlp = ffn

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+ROUTERS = "routers.safetensors"  # the two weights of each layer's router
+
 
 class Router(nn.Module):
     def __init__(self, d_model: int, num_expert: int, centroids: torch.Tensor | None = None):

@@ -1,0 +1,134 @@
+"""MLP select: train every layer's router on the dumped hidden states, writing ``routers.safetensors``
+next to the clusters, which together are what ``BMMoE.moefy`` loads.
+
+    python -m pipeline.moefication.mlp_select --model_path DIR --res_path DIR \\
+        --num-layer 28 --num-expert 512 --templates 'transformer.h.{}.mlp.fc_in.weight'
+
+The seed's ``mlp_select_example.py`` flags. ``--res_path`` holds ``clusters.safetensors`` (from
+``param_cluster``) and, unless ``--hidden_states`` names another file, ``hidden_states.h5`` (from
+``pipeline.moefication.hidden``). The Routers stage runs the same code.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from pipeline import cli
+from pipeline.cli import UsageError
+from pipeline.moefication.hidden import HIDDEN, layer_name
+from pipeline.moefication.clustering import CLUSTERS
+from pipeline.moefication.param_cluster import TEMPLATE, fc_in_weights, layer_key
+from pipeline.moefication.router import ROUTERS, train_router
+
+
+def fc_in_biases(state: dict, template: str, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The fc_in bias beside each weight (``...weight`` -> ``...bias``; zeros when there is none)."""
+    names = [template.format(i)[: -len("weight")] + "bias" if template.endswith("weight") else "" for i in
+             range(len(weights))]
+    return [state[n].float() if n in state else torch.zeros(len(w)) for n, w in zip(names, weights)]
+
+
+def check_hidden_states(f: h5py.File, path: Path, num_layer: int, d_model: int) -> None:
+    """One sentence when the hidden-state file does not belong to a model of this shape."""
+    for i in range(num_layer):
+        if layer_name(i) not in f:
+            raise ValueError(f"hidden-state file {path} has no dataset {layer_name(i)}: it holds "
+                             f"{len([k for k in f if k.startswith('layer_')])} layers, the model {num_layer}")
+        ds = f[layer_name(i)]
+        if ds.ndim != 2 or ds.shape[1] != d_model or ds.dtype not in (np.float16, np.float32):
+            raise ValueError(f"hidden-state file {path}: {layer_name(i)} is {ds.dtype} of shape {ds.shape}, "
+                             f"expected float16 or float32 rows of width {d_model} (the model's d_model)")
+    if "heldout" not in f or f["heldout"].shape != (f[layer_name(0)].shape[0],):
+        raise ValueError(f"hidden-state file {path} has no heldout flag per token")
+
+
+def check_clusters(clusters: dict, path: Path, weights: list[torch.Tensor], num_expert: int) -> None:
+    """One sentence when the clusters do not belong to this model or expert count."""
+    for i, w in enumerate(weights):
+        labels, centroids = clusters.get(f"{layer_key(i)}.labels"), clusters.get(f"{layer_key(i)}.centroids")
+        if labels is None or centroids is None:
+            raise ValueError(f"clusters {path} have no layer {i}; they come from another model")
+        if labels.shape != (w.shape[0],) or centroids.shape != (num_expert, w.shape[1]):
+            raise ValueError(f"clusters {path} for layer {i} have {labels.shape[0]} neurons and centroids "
+                             f"{tuple(centroids.shape)}, expected {w.shape[0]} neurons and ({num_expert}, "
+                             f"{w.shape[1]}): they come from another model or expert count")
+
+
+def train_routers(hidden: Path, weights: list[torch.Tensor], biases: list[torch.Tensor], clusters: dict,
+                  num_expert: int, topk: int, epochs: int, batch_size: int, lr: float,
+                  seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors for routers.safetensors, metrics): one trained router per layer."""
+    if not 1 <= topk <= num_expert:
+        raise ValueError(f"topk {topk} is out of range: expected 1 to num_expert ({num_expert})")
+    tensors, per_layer = {}, []
+    with h5py.File(hidden, "r") as f:
+        check_hidden_states(f, hidden, len(weights), weights[0].shape[1])
+        heldout = f["heldout"][:]
+        for i in tqdm(range(len(weights)), desc="routers", unit="layer"):
+            key = layer_key(i)
+            router, metrics = train_router(f[layer_name(i)], heldout, weights[i], biases[i],
+                                           clusters[f"{key}.labels"].long(), clusters[f"{key}.centroids"].float(),
+                                           topk, epochs, batch_size, lr, seed)
+            tensors[f"{key}.a"] = router.a.weight.detach().contiguous()
+            tensors[f"{key}.b"] = router.b.weight.detach().contiguous()
+            per_layer.append({k: round(v, 4) for k, v in metrics.items()})
+    n = len(per_layer)
+    return tensors, {
+        "topk": topk, "num_expert": num_expert, "layers": n, "per_layer": per_layer,
+        "mean_router_coverage": round(sum(m["router_coverage"] for m in per_layer) / n, 4),
+        "mean_groundtruth_coverage": round(sum(m["groundtruth_coverage"] for m in per_layer) / n, 4),
+        "mean_coverage_ratio": round(sum(m["coverage_ratio"] for m in per_layer) / n, 4),
+    }
+
+
+def save_routers(tensors: dict, metrics: dict, path: Path) -> None:
+    save_file(tensors, str(path), metadata={k: str(metrics[k]) for k in ("num_expert", "topk", "layers")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.train import read_weights
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.moefication.mlp_select", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_path", required=True, type=Path, help="the ReLU model (directory, .safetensors or .pt)")
+    p.add_argument("--res_path", required=True, type=Path, help=f"directory holding {CLUSTERS}; receives {ROUTERS}")
+    p.add_argument("--num-layer", required=True, type=int)
+    p.add_argument("--num-expert", required=True, type=int)
+    p.add_argument("--templates", default=TEMPLATE, help="fc_in weight name with {} for the layer number")
+    p.add_argument("--hidden_states", type=Path, help=f"HDF5 hidden states (default: RES_PATH/{HIDDEN})")
+    p.add_argument("--topk-fraction", type=float, default=0.2, help="share of experts the coverage metric selects")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    hidden = args.hidden_states or args.res_path / HIDDEN
+    for path, what in ((args.res_path / CLUSTERS, "clusters (run param_cluster first)"), (hidden, "hidden states")):
+        if not path.is_file():
+            raise UsageError(f"{path} does not exist; expected the {what}")
+    state, _ = read_weights(args.model_path, "--model_path")
+    try:
+        weights = fc_in_weights(state, args.templates, args.num_layer)
+        clusters = load_file(str(args.res_path / CLUSTERS))
+        check_clusters(clusters, args.res_path / CLUSTERS, weights, args.num_expert)
+        topk = max(1, round(args.topk_fraction * args.num_expert))
+        tensors, metrics = train_routers(hidden, weights, fc_in_biases(state, args.templates, weights), clusters,
+                                         args.num_expert, topk, args.epochs, args.batch_size, args.lr, args.seed)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    tmp = args.res_path / f".{ROUTERS}.partial"
+    save_routers(tensors, metrics, tmp)
+    tmp.replace(args.res_path / ROUTERS)
+    print(f"{args.res_path / ROUTERS}: {metrics['layers']} routers; held-out coverage at top-{topk}: router "
+          f"{metrics['mean_router_coverage']}, groundtruth {metrics['mean_groundtruth_coverage']} "
+          f"(ratio {metrics['mean_coverage_ratio']})")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
