@@ -32,9 +32,10 @@ class HiddenStates(Stage):
         import h5py
 
         from pipeline import train
-        from pipeline.moefication.hidden import HIDDEN
+        from pipeline.moefication.hidden import HIDDEN, plan_windows
 
         settings = pipeline_settings()
+        plan_windows(inputs["Corpus"].path, self.seq_len, self.token_budget, self.heldout_fraction)  # fits the corpus?
         # finished shards survive a crash: the scratch directory is kept while this marker exists
         build.resume_dir.mkdir(exist_ok=True)
         (build.resume_dir / "shards-in-progress").touch()

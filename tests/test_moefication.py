@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.moefication import balanced_kmeans, cosine_to_centroid, random_split
-from pipeline.moefication.clustering import balanced_assign
+from pipeline.moefication.clustering import balanced_assign, coactivation_rows
 
 
 def planted(n_groups=16, per_group=32, dim=64, noise=0.3, seed=0):
@@ -49,3 +49,15 @@ def test_balanced_assignment_prefers_best_scores_within_capacity():
 def test_num_expert_must_divide_the_neurons(k):
     with pytest.raises(ValueError, match=f"num_expert {k} does not divide the 64 neurons into equal experts"):
         balanced_kmeans(np.ones((64, 4)), k)
+
+
+def test_coactivation_puts_neurons_that_fire_together_in_one_expert():
+    torch.manual_seed(0)
+    groups = torch.arange(32) % 4  # neuron i reads direction i % 4: interleaved, so the split must find it
+    w1 = torch.eye(16)[groups] + 0.05 * torch.randn(32, 16)
+    b1 = torch.full((32,), -0.5)
+    x = torch.eye(16)[torch.randint(0, 4, (200,))] + 0.05 * torch.randn(200, 16)
+    rows = coactivation_rows(x, w1, b1)
+    np.testing.assert_array_equal(rows, (x @ w1.T + b1 > 0).T.float().numpy())
+    labels = balanced_kmeans(rows, 4, seed=0)
+    assert all(len(set(labels[groups.numpy() == g])) == 1 for g in range(4)), labels

@@ -40,7 +40,7 @@ def artifact(project, stage, pick=None):
 
 
 def test_every_stage_is_published_once_and_up_to_date(chain):
-    for stage in STAGES:
+    for stage in STAGES:  # two clusters and routers: the configured split and the random baseline
         assert len(chain.versions(stage)) == (2 if stage in ("ExpertClusters", "Routers") else 1), stage
     st = chain.status("--pipeline-nproc-per-node", "2")
     assert {s: st[s]["state"] for s in STAGES} == {s: "up-to-date" for s in STAGES}
@@ -78,6 +78,14 @@ def test_hidden_states_hold_the_ffn_inputs(chain):
             np.testing.assert_array_equal(data[-384:-320], seen[2 + layer].half().numpy())  # first held-out one
 
 
+def test_token_budget_larger_than_the_corpus_is_refused(chain):
+    proc = chain.luigi("HiddenStates", "--HiddenStates-token-budget", "100000000", check=False)
+    assert proc.returncode != 0
+    assert "error: HiddenStates: token budget: 90000000 tokens asked of the train split, which holds" \
+        in proc.stderr, proc.stderr[-2000:]
+    assert not list(chain.artifacts.glob("HiddenStates/.scratch-*")), "nothing half-written"
+
+
 def test_expert_clusters_are_balanced_and_beat_the_random_split(chain):
     path, manifest = artifact(chain, "ExpertClusters", lambda m: m["params"]["method"] == "balanced_kmeans")
     m = manifest["metrics"]
@@ -87,6 +95,13 @@ def test_expert_clusters_are_balanced_and_beat_the_random_split(chain):
     for layer in range(2):
         assert (np.bincount(clusters[f"layer_{layer:03d}.labels"].numpy(), minlength=8) == 32).all()
         assert clusters[f"layer_{layer:03d}.centroids"].shape == (8, 64)
+    chain.luigi("ExpertClusters", "--ExpertClusters-method", "coactivation")
+    path, manifest = artifact(chain, "ExpertClusters", lambda m: m["params"]["method"] == "coactivation")
+    assert manifest["upstream"].keys() == {"ReluModel", "HiddenStates"} and manifest["params"]["sample_tokens"] == 8192
+    labels = load_file(str(path / "clusters.safetensors"))["layer_000.labels"].numpy()
+    assert (np.bincount(labels, minlength=8) == 32).all()
+    assert manifest["metrics"]["mean_cosine_to_centroid"] > 0
+
     bad = chain.luigi("ExpertClusters", "--ExpertClusters-num-expert", "7", check=False)
     assert bad.returncode != 0
     assert "num_expert 7 does not divide the 256 neurons into equal experts" in bad.stdout + bad.stderr

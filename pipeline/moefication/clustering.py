@@ -80,6 +80,13 @@ def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30) 
     return labels.numpy()
 
 
+def coactivation_rows(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> np.ndarray:
+    """(neurons, tokens): which of the sample tokens x (tokens, d_model) make each neuron fire.
+    Clustering these rows puts neurons that fire together into one expert, so a few experts hold
+    most of a token's activation (the paper's co-activation split, done with balanced k-means)."""
+    return (x.float() @ w1.float().T + b1.float() > 0).T.float().numpy()
+
+
 def random_split(n_rows: int, num_expert: int, seed: int = 0) -> np.ndarray:
     """The baseline the paper compares to: a random partition into equal experts."""
     size = check_experts(n_rows, num_expert)

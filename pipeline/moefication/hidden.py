@@ -63,7 +63,7 @@ def write_shard(model, shard: Path, wins: np.ndarray, flags: np.ndarray, batch_s
     try:
         with h5py.File(tmp, "w") as f, torch.no_grad():
             sets = [f.create_dataset(layer_name(i), shape=(n, d_model), dtype="f2",
-                                     chunks=(min(CHUNK_ROWS, max(n, 1)), d_model))
+                                     chunks=(min(CHUNK_ROWS, n), d_model) if n else None)
                     for i in range(len(model.transformer.h))]
             f.create_dataset("heldout", data=np.repeat(flags, seq_len))
             row = 0

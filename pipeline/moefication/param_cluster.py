@@ -24,7 +24,7 @@ from pipeline.moefication.clustering import (CLUSTERS, balanced_kmeans, check_ex
                                              random_split)
 
 TEMPLATE = "transformer.h.{}.mlp.fc_in.weight"
-METHODS = ("balanced_kmeans", "random")
+METHODS = ("balanced_kmeans", "random")  # the stage adds "coactivation" from the hidden states
 
 
 def layer_key(i: int) -> str:
@@ -43,18 +43,23 @@ def fc_in_weights(state: dict, template: str, num_layer: int) -> list[torch.Tens
 
 
 def cluster_layers(weights: list[torch.Tensor], num_expert: int, method: str = "balanced_kmeans", seed: int = 0,
-                   iterations: int = 30) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors for clusters.safetensors, metrics): per layer, expert labels and centroids."""
-    if method not in METHODS:
+                   iterations: int = 30, features: list[np.ndarray] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors for clusters.safetensors, metrics): per layer, expert labels and centroids (of
+    the fc_in rows, whatever was clustered). Balanced k-means runs on ``features`` (one row per
+    neuron) when given, else on the fc_in rows themselves."""
+    if method not in METHODS + ("coactivation",):
         raise ValueError(f"clustering method {method!r} is unknown; expected one of {', '.join(METHODS)}")
+    if (method == "coactivation") != (features is not None):
+        raise ValueError("coactivation clustering needs the neurons' activation profiles, and only it uses them")
     for w in weights:
         check_experts(w.shape[0], num_expert)
     tensors, cosine, baseline, seconds = {}, [], [], []
     for i, w in enumerate(tqdm(weights, desc="clustering layers", unit="layer")):
         rows = w.numpy()
         start = time.perf_counter()
-        if method == "balanced_kmeans":
-            labels = balanced_kmeans(rows, num_expert, seed=seed, iterations=iterations)
+        if method != "random":
+            points = rows if features is None else features[i]
+            labels = balanced_kmeans(points, num_expert, seed=seed, iterations=iterations)
         else:
             labels = random_split(len(rows), num_expert, seed=seed)
         seconds.append(round(time.perf_counter() - start, 3))
