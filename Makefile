@@ -10,7 +10,7 @@ OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
              $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
 
 # `make moefy`: Corpus -> BaseModel -> ReluModel -> HiddenStates -> ExpertClusters -> Routers -> Moefied
-.PHONY: setup base relu moefy status gc gc-dry-run test bench clean-venv
+.PHONY: setup base relu moefy status gc gc-dry-run test bench bench-moe clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench: setup
 	$(PY) bench/noop_rerun.py
 	$(PY) bench/int8.py
 	$(PY) bench/train_throughput.py
+
+# MoEfication at GPT-J size: sparse FFN vs dense, clustering vs the sklearn reference, HDF5 overhead (~6 min)
+bench-moe: setup
+	$(PY) bench/moe_speed.py --threads 1
+	$(PY) bench/kmeans_reference.py
+	$(PY) bench/hdf5_overhead.py
 
 clean-venv:
 	rm -rf $(VENV)

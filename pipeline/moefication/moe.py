@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline.moefication.clustering import CLUSTERS
 from pipeline.moefication.router import ROUTERS, Router
+from pipeline.moefication.sparse import sparse_ffn
 
 SELECTIONS = ("router", "groundtruth")
 
@@ -35,7 +36,8 @@ class MoEFFN(nn.Module):
         perm = torch.argsort(labels, stable=True)
         self.register_buffer("w1", mlp.fc_in.weight.detach()[perm].contiguous())
         self.register_buffer("b1", mlp.fc_in.bias.detach()[perm].contiguous())
-        self.register_buffer("w2", mlp.fc_out.weight.detach()[:, perm].contiguous())
+        # expert-major (w2.T contiguous): the sparse path reads each expert's columns as one block
+        self.register_buffer("w2", mlp.fc_out.weight.detach()[:, perm].T.contiguous().T)
         self.register_buffer("b2", mlp.fc_out.bias.detach().clone())
         self.router, self.topk, self.sparse, self.selection = router, topk, sparse, selection
         self.num_expert, self.size = num_expert, len(labels) // num_expert
@@ -44,9 +46,7 @@ class MoEFFN(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         if self.sparse:
             chosen = self.router(flat).topk(self.topk, dim=-1).indices  # (tokens, k)
-            neurons = (chosen[:, :, None] * self.size + torch.arange(self.size)).flatten(1)  # (tokens, k*size)
-            h = torch.relu(torch.einsum("td,tnd->tn", flat, self.w1[neurons]) + self.b1[neurons])
-            out = torch.einsum("tn,tdn->td", h, self.w2[:, neurons].permute(1, 0, 2)) + self.b2
+            out = sparse_ffn(flat, self.w1, self.b1, self.w2, self.b2, chosen, self.size)
         else:
             h = torch.relu(flat @ self.w1.T + self.b1)
             # groundtruth: the experts that hold the most positive activation
