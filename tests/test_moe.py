@@ -67,3 +67,34 @@ def test_bad_moefy_input(relu_model_and_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="MoEfication needs a ReLU model"):
         BMMoE.moefy(gelu, 8, 2, ckpt)
     assert np.isfinite(logits(model, torch.randint(0, 512, (1, 4))).numpy()).all()
+
+
+def test_groundtruth_selection_keeps_the_experts_with_the_most_activation(relu_model_and_checkpoint):
+    model, ckpt = relu_model_and_checkpoint
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        act = torch.relu(mlp.fc_in(x))
+        labels = torch.from_numpy(balanced_kmeans(mlp.fc_in.weight.numpy(), 8, seed=0))
+        mass = torch.zeros(5, 8).index_add_(1, labels, act)
+        keep = torch.zeros(5, 8).scatter_(1, mass.topk(3, dim=1).indices, 1.0)[:, labels]
+        expected = mlp.fc_out(act * keep)
+    all_experts, original = copy.deepcopy(model), copy.deepcopy(model)
+    BMMoE.moefy(model, 8, 3, ckpt, selection="groundtruth")
+    BMMoE.moefy(all_experts, 8, 8, ckpt, selection="groundtruth")
+    with torch.no_grad():
+        torch.testing.assert_close(model.transformer.h[0].mlp(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(all_experts.transformer.h[0].mlp(x), mlp(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="groundtruth selection needs every activation"):
+        BMMoE.moefy(original, 8, 3, ckpt, sparse=True, selection="groundtruth")
+
+
+def test_a_shard_with_no_windows_is_a_valid_empty_file(tmp_path):
+    import h5py
+
+    from pipeline.moefication.hidden import write_shard
+
+    model = GPTJ(get_preset("gpt-j-smoke").replace(activation="relu")).eval()
+    write_shard(model, tmp_path / "shard-1.h5", np.zeros((0, 16), np.int64), np.zeros(0, bool), 4, "empty")
+    with h5py.File(tmp_path / "shard-1.h5", "r") as f:
+        assert f["layer_000"].shape == (0, 64) and f["heldout"].shape == (0,) and f.attrs["complete"]
