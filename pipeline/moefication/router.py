@@ -2,11 +2,12 @@
 most positive activation, trained on the dumped hidden states.
 
 For FFN input x, ``fc_in`` (W1, b1) and expert labels: activations ``a = relu(W1 x + b1)``,
-expert mass ``s_e = sum of a_i over the neurons of expert e`` and its share ``s_e / sum s`` of the
-token's positive activation. Router ``r(x) = W_b tanh(W_a x / |x|)`` with W_a initialised from the
-expert centroids and W_b from the identity, trained with binary cross-entropy (on logits) against
-the share. (The original scales s by the batch maximum instead; the per-token share lifts held-out
-coverage on gpt-j-tiny, e.g. from 0.836 to 0.859 of groundtruth on its sparsest layer.)
+expert mass ``s_e = sum of a_i over the neurons of expert e``, scaled by the batch maximum as the
+original does. Router ``r(x) = W_b tanh(W_a x / |x|)`` with W_a initialised from the expert
+centroids and W_b from the identity, trained with binary cross-entropy (on logits) against the
+scaled mass. (Scaling each token to its share of the activation instead was tried: on gpt-j-tiny
+it covered less of the mass on the least sparse layer and raised the MoE perplexity at 20% of
+experts from 67.7 to 76.5.)
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def train_router(dataset, heldout: np.ndarray, w1: torch.Tensor, b1: torch.Tenso
     for _ in range(epochs):
         for x in batches(dataset, train_idx, batch_size):
             mass = expert_activation(x, w1, b1, labels, num_expert)
-            target = mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
+            target = mass / mass.max().clamp_min(1e-30)
             loss = F.binary_cross_entropy_with_logits(router(x), target)
             opt.zero_grad()
             loss.backward()
