@@ -44,6 +44,7 @@ bench: setup
 	$(PY) bench/noop_rerun.py
 	$(PY) bench/int8.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/masks.py
 
 # MoEfication at GPT-J size: sparse FFN vs dense, clustering vs the sklearn reference, HDF5 overhead (~6 min)
 bench-moe: setup

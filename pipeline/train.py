@@ -32,11 +32,12 @@ from pipeline.cli import UsageError
 from pipeline.data import load_tokens
 from pipeline.distill import BMDistill, DistillConfig, lm_forward
 from pipeline.models import GPTJ, GPTJConfig, checkpoint_config, get_preset, load_state_dict_from_dir, save_pretrained
+from pipeline.prune import PRUNING_MASKS, BMPrune
 from pipeline.quant import BMQuant
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.json"
-LATER = {"use_pruning": "the 2:4 pruning stage", "save_hidden": "the MoEfication hidden-state dump"}
+LATER = {"save_hidden": "the HiddenStates stage (python -m pipeline.moefication.hidden)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-mse-emb", type=float, default=0.0)
     p.add_argument("--act-l1", type=float, default=0.0,
                    help="L1 penalty on the FFN activations (mean over layers), which raises ReLU sparsity")
-    # flags of the seed whose features arrive with later stages
-    p.add_argument("--use-pruning", action="store_true")
+    # 2:4 pruning (BMPrune)
+    p.add_argument("--use-pruning", action="store_true", help="train with 2:4 masks held on the FFN and attention weights")
+    p.add_argument("--prune-func", default="m4n2_2d_greedy", help="m4n2_1d, m4n2_2d_greedy or m4n2_2d_best")
+    p.add_argument("--pruning-mask", type=Path,
+                   help=f"mask checkpoint: loaded when it exists, else computed and saved (default: SAVE_DIR/{PRUNING_MASKS})")
+    # a flag of the seed whose feature is a stage of its own here
     p.add_argument("--save-hidden", action="store_true")
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a crash
     return p
@@ -193,6 +198,13 @@ def check_args(args, world: int) -> None:
                          f"times --grad-accum {args.grad_accum}")
     if args.use_kd and args.load_teacher is None:
         raise UsageError("--use-kd needs --load-teacher (the teacher's weights)")
+    if args.use_pruning:
+        from kernels import get_mask_function
+
+        try:
+            get_mask_function(args.prune_func)
+        except ValueError as e:
+            raise UsageError(f"--prune-func: {e}") from None
 
 
 def distill_config(args) -> DistillConfig:
@@ -296,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = build_model(config, student_state, "--load", args.load).to(device).train()
+    if args.use_pruning:  # every rank computes (or loads) the same masks; rank 0 writes them
+        mask_path = args.pruning_mask or args.save_dir / PRUNING_MASKS
+        try:
+            BMPrune.compute_mask(model, args.prune_func, checkpoint=mask_path if rank == 0 or mask_path.exists() else None)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if int8:
         BMQuant.quantize(model)
     extra_params: list = []
@@ -319,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.start_lr, betas=(0.9, 0.95))
+    if args.use_pruning:
+        BMPrune.set_optim_for_pruning(optimizer, model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and sharding != "fsdp"
                 else contextlib.nullcontext())

@@ -9,9 +9,10 @@ from tasks.hidden_states import HiddenStates
 from tasks.expert_clusters import ExpertClusters
 from tasks.routers import Routers
 from tasks.moefied import Moefied
+from tasks.pruning_masks import PruningMasks
 
 # The stages whose upstream closure is "the whole current graph" (status, gc, the no-op bench).
-TARGETS = (Moefied,)
+TARGETS = (Moefied, PruningMasks)
 
 
 class AllStages(luigi.WrapperTask):
@@ -21,7 +22,7 @@ class AllStages(luigi.WrapperTask):
         return [cls() for cls in TARGETS]
 
 
-check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates, ExpertClusters, Routers, Moefied])
+check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates, ExpertClusters, Routers, Moefied, PruningMasks])
 
 __all__ = ["Stage", "pipeline_settings", "Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters",
-           "Routers", "Moefied", "AllStages", "TARGETS"]
+           "Routers", "Moefied", "PruningMasks", "AllStages", "TARGETS"]

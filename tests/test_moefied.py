@@ -1,6 +1,7 @@
 """The MoEfication chain on the smoke preset, built once by `make moefy NPROC=2` (two torchrun
 ranks): the HDF5 file holds exactly the FFN inputs, the clusters are balanced, the routers beat a
-random router, Moefied reports its table, and the seed-style CLIs reproduce the stages' files."""
+random router, Moefied reports its table, the seed-style CLIs reproduce the stages' files, and
+PruningMasks searches 2:4 masks in the experts' neuron order."""
 import json
 import subprocess
 import sys
@@ -178,3 +179,26 @@ def test_seed_style_clis_reproduce_the_stages(chain, tmp_path):
     assert proc.returncode == 2 and "they come from another model or expert count" in proc.stderr, proc.stderr
     proc = chain.run("-m", "pipeline.moefication.param_cluster", *common[:-4], "--num-expert", "7", check=False)
     assert proc.returncode == 2 and "num_expert 7 does not divide the 256 neurons" in proc.stderr, proc.stderr
+
+
+def test_pruning_masks_stage_keeps_2_of_4_in_the_experts_order(chain):
+    chain.luigi("PruningMasks")
+    chain.luigi("PruningMasks", "--PruningMasks-prune-func", "m4n2_2d_best")
+    chain.luigi("PruningMasks", "--PruningMasks-moefication", "false")
+    greedy_dir, greedy = artifact(chain, "PruningMasks", lambda m: m["params"] == {"prune_func": "m4n2_2d_greedy",
+                                                                                  "moefication": True})
+    _, best = artifact(chain, "PruningMasks", lambda m: m["params"]["prune_func"] == "m4n2_2d_best")
+    _, base = artifact(chain, "PruningMasks", lambda m: not m["params"]["moefication"])
+    assert greedy["upstream"].keys() == {"ReluModel", "ExpertClusters"} and base["upstream"].keys() == {"BaseModel"}
+    assert greedy["metrics"]["matrices"] == 12 and best["metrics"]["kept"] == 0.5
+    for name, g in greedy["metrics"]["per_matrix"].items():
+        b = best["metrics"]["per_matrix"][name]
+        assert b["kept"] == 0.5 and b["short_lines"] == 0 and b["mass_kept"] >= g["mass_kept"] - 1e-6, name
+        assert g["kept"] <= 0.5 and 0.5 < g["mass_kept"] <= b["mass_kept"] + 1e-6
+    # FFN masks are 2:4 in the order BMMoE runs the neurons, not necessarily in the model's
+    labels = load_file(str(artifact(chain, "ExpertClusters", lambda m: m["params"]["method"] == "balanced_kmeans")[0]
+                           / "clusters.safetensors"))["layer_000.labels"]
+    perm = torch.argsort(labels, stable=True)
+    masks = load_file(str(greedy_dir / "pruning_masks.safetensors"))
+    for mask in (masks["transformer.h.0.mlp.fc_in.weight"][perm], masks["transformer.h.0.mlp.fc_out.weight"][:, perm]):
+        assert mask.reshape(-1, 4).sum(1).max() <= 2 and mask.T.reshape(-1, 4).sum(1).max() <= 2

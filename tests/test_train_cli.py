@@ -110,8 +110,10 @@ def test_bad_input_is_refused_before_any_work(tmp_path, corpus, smoke_dir, monke
     assert "--batch-size 4 must be a positive multiple of the world size 3" in run_main(*base, "--model", "gpt-j-smoke")
     monkeypatch.delenv("WORLD_SIZE")
 
-    assert "--use-pruning arrives with the 2:4 pruning stage" in run_main(*base, "--model", "gpt-j-smoke",
-                                                                          "--use-pruning")
+    assert "--save-hidden arrives with the HiddenStates stage" in run_main(*base, "--model", "gpt-j-smoke",
+                                                                           "--save-hidden")
+    assert "--prune-func: unknown prune function 'm4n2_9d'" in run_main(*base, "--model", "gpt-j-smoke",
+                                                                        "--use-pruning", "--prune-func", "m4n2_9d")
     assert "--model 'gpt-k' is not a known model" in run_main(*base, "--model", "gpt-k")
     message = run_main(*base, "--model", "gpt-j-smoke", "--memory-limit-gb", "0.001")
     assert "gpt-j-smoke does not fit: ddp over 1 rank(s) needs" in message and "GiB available" in message

@@ -1,0 +1,51 @@
+"""PruningMasks: 2:4 masks for the model the final stage fine-tunes (the ReLU model, with its FFN
+masks searched in the experts' neuron order, or the base model when MoEfication is off)."""
+from __future__ import annotations
+
+import luigi
+
+from tasks.base_model import BaseModel
+from tasks.expert_clusters import ExpertClusters
+from tasks.relu_model import ReluModel
+from tasks.stage import Stage
+
+
+class PruningMasks(Stage):
+    prune_func = luigi.ChoiceParameter(default="m4n2_2d_greedy", choices=("m4n2_1d", "m4n2_2d_greedy", "m4n2_2d_best"))
+    moefication = luigi.BoolParameter(default=True, description="masks for the ReLU model in expert order; "
+                                                                "false: for the base model")
+
+    def upstream(self):
+        if self.moefication:
+            return {"ReluModel": ReluModel(), "ExpertClusters": ExpertClusters()}
+        return {"BaseModel": BaseModel()}
+
+    def effective_params(self) -> dict:
+        return {"prune_func": self.prune_func, "moefication": self.moefication}
+
+    def build(self, build, inputs) -> None:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        from pipeline.models import load_state_dict_from_dir
+        from pipeline.moefication.clustering import CLUSTERS
+        from pipeline.prune import PRUNING_MASKS, search_masks
+
+        source = inputs["ReluModel" if self.moefication else "BaseModel"]
+        state = load_state_dict_from_dir(source.path)
+        order = None
+        if self.moefication:
+            clusters = load_file(str(inputs["ExpertClusters"].file(CLUSTERS)))
+            order = {int(k[len("layer_"):-len(".labels")]): torch.argsort(v, stable=True)  # as BMMoE permutes
+                     for k, v in clusters.items() if k.endswith(".labels")}
+        with build.timed("search"):
+            masks, per_matrix = search_masks(state, self.prune_func, neuron_order=order)
+        save_file(masks, str(build.path / PRUNING_MASKS), metadata={"prune_func": self.prune_func})
+        total = sum(m.numel() for m in masks.values())
+        build.metrics.update({
+            "prune_func": self.prune_func, "matrices": len(masks), "weights": total,
+            "kept": round(sum(int(m.sum()) for m in masks.values()) / total, 6),
+            "mean_mass_kept": round(sum(p["mass_kept"] for p in per_matrix.values()) / len(per_matrix), 6),
+            "short_lines": sum(p.get("short_lines", 0) for p in per_matrix.values()),
+            "per_matrix": per_matrix,
+        })
