@@ -7,7 +7,9 @@
   that slice must equal ours, which the table says.
 
 Also per method: the share of the total |w| that the mask keeps, and the short lines (block rows
-plus block columns keeping fewer than 2; only greedy has any).
+plus block columns keeping fewer than 2; only greedy has any). ``--model DIR`` instead prints the
+kept share of |w| per method for every pruned matrix of a model directory (e.g. the tiny ReLU
+model) and whether best keeps at least as much as greedy on each.
 """
 from __future__ import annotations
 
@@ -32,7 +34,10 @@ def main() -> None:
     p.add_argument("--ref-rows", type=int, default=64, help="rows of the slice the references run on")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", help="a model directory: kept |w| per method on each of its pruned matrices")
     args = p.parse_args()
+    if args.model:
+        return model_masses(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -63,6 +68,22 @@ def main() -> None:
     blocks = args.rows * args.cols // 16
     print(f"kept |w|: share of sum |w| kept; short lines: out of {2 * 4 * blocks:,} block rows + columns "
           f"({blocks:,} 4x4 blocks)")
+
+
+def model_masses(path: str) -> None:
+    from pipeline.models import load_state_dict_from_dir
+    from pipeline.prune import search_masks
+
+    state = load_state_dict_from_dir(path)
+    per_method = {name: search_masks(state, name)[1] for name in MASK_FUNCTIONS}
+    print(f"{path}: share of |w| kept per matrix")
+    print(f"{'matrix':<36}" + "".join(f"{n:>16}" for n in MASK_FUNCTIONS) + f"{'best >= greedy':>16}")
+    for matrix in per_method["m4n2_1d"]:
+        kept = [per_method[n][matrix]["mass_kept"] for n in MASK_FUNCTIONS]
+        ok = per_method["m4n2_2d_best"][matrix]["mass_kept"] >= per_method["m4n2_2d_greedy"][matrix]["mass_kept"]
+        print(f"{matrix:<36}" + "".join(f"{k:>16.4f}" for k in kept) + f"{'yes' if ok else 'NO':>16}")
+    means = [sum(m["mass_kept"] for m in per_method[n].values()) / len(per_method[n]) for n in MASK_FUNCTIONS]
+    print(f"{'mean':<36}" + "".join(f"{k:>16.4f}" for k in means))
 
 
 if __name__ == "__main__":
