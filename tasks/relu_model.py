@@ -24,7 +24,7 @@ class ReluModel(TrainingStage):
     kd_mse_last_hidden = luigi.FloatParameter(default=0.0)
     kd_mse_hidden = luigi.FloatParameter(default=0.0)
     kd_loss_scale = luigi.FloatParameter(default=1.0)
-    act_l1 = luigi.FloatParameter(default=3.0, description="L1 penalty on FFN activations (raises sparsity)")
+    act_l1 = luigi.FloatParameter(default=10.0, description="L1 penalty on FFN activations (raises sparsity)")
 
     def upstream(self):
         return {"Corpus": Corpus(), "BaseModel": BaseModel()}

@@ -18,6 +18,7 @@ from pipeline.evaluate import windows
 from pipeline.models import from_pretrained
 from pipeline.moefication import BMMoE
 
+TWO_RANKS = ("--pipeline-nproc-per-node", "2")  # as the chain was built: the same versions
 STAGES = ("Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters", "Routers", "Moefied")
 
 
@@ -43,7 +44,7 @@ def artifact(project, stage, pick=None):
 def test_every_stage_is_published_once_and_up_to_date(chain):
     for stage in STAGES:  # two clusters and routers: the configured split and the random baseline
         assert len(chain.versions(stage)) == (2 if stage in ("ExpertClusters", "Routers") else 1), stage
-    st = chain.status("--pipeline-nproc-per-node", "2")
+    st = chain.status(*TWO_RANKS)
     assert {s: st[s]["state"] for s in STAGES} == {s: "up-to-date" for s in STAGES}
 
 
@@ -80,7 +81,7 @@ def test_hidden_states_hold_the_ffn_inputs(chain):
 
 
 def test_token_budget_larger_than_the_corpus_is_refused(chain):
-    proc = chain.luigi("HiddenStates", "--HiddenStates-token-budget", "100000000", check=False)
+    proc = chain.luigi("HiddenStates", *TWO_RANKS, "--HiddenStates-token-budget", "100000000", check=False)
     assert proc.returncode != 0
     assert "error: HiddenStates: token budget: 90000000 tokens asked of the train split, which holds" \
         in proc.stderr, proc.stderr[-2000:]
@@ -96,14 +97,14 @@ def test_expert_clusters_are_balanced_and_beat_the_random_split(chain):
     for layer in range(2):
         assert (np.bincount(clusters[f"layer_{layer:03d}.labels"].numpy(), minlength=8) == 32).all()
         assert clusters[f"layer_{layer:03d}.centroids"].shape == (8, 64)
-    chain.luigi("ExpertClusters", "--ExpertClusters-method", "coactivation")
+    chain.luigi("ExpertClusters", *TWO_RANKS, "--ExpertClusters-method", "coactivation")
     path, manifest = artifact(chain, "ExpertClusters", lambda m: m["params"]["method"] == "coactivation")
     assert manifest["upstream"].keys() == {"ReluModel", "HiddenStates"} and manifest["params"]["sample_tokens"] == 8192
     labels = load_file(str(path / "clusters.safetensors"))["layer_000.labels"].numpy()
     assert (np.bincount(labels, minlength=8) == 32).all()
     assert manifest["metrics"]["mean_cosine_to_centroid"] > 0
 
-    bad = chain.luigi("ExpertClusters", "--ExpertClusters-num-expert", "7", check=False)
+    bad = chain.luigi("ExpertClusters", *TWO_RANKS, "--ExpertClusters-num-expert", "7", check=False)
     assert bad.returncode != 0
     assert "num_expert 7 does not divide the 256 neurons into equal experts" in bad.stdout + bad.stderr
 
@@ -182,9 +183,9 @@ def test_seed_style_clis_reproduce_the_stages(chain, tmp_path):
 
 
 def test_pruning_masks_stage_keeps_2_of_4_in_the_experts_order(chain):
-    chain.luigi("PruningMasks")
-    chain.luigi("PruningMasks", "--PruningMasks-prune-func", "m4n2_2d_best")
-    chain.luigi("PruningMasks", "--PruningMasks-moefication", "false")
+    chain.luigi("PruningMasks", *TWO_RANKS)
+    chain.luigi("PruningMasks", *TWO_RANKS, "--PruningMasks-prune-func", "m4n2_2d_best")
+    chain.luigi("PruningMasks", *TWO_RANKS, "--PruningMasks-moefication", "false")
     greedy_dir, greedy = artifact(chain, "PruningMasks", lambda m: m["params"] == {"prune_func": "m4n2_2d_greedy",
                                                                                   "moefication": True})
     _, best = artifact(chain, "PruningMasks", lambda m: m["params"]["prune_func"] == "m4n2_2d_best")
