@@ -29,9 +29,10 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from kernels.threads import parallel_map
 
 __all__ = ["m4n2_1d", "m4n2_2d_greedy", "m4n2_2d_best", "short_lines", "patterns_2d",
            "MASK_FUNCTIONS", "get_mask_function"]
@@ -108,39 +109,14 @@ def _chunks(shape, row_step: int, per_chunk: int, device: torch.device) -> list[
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = 1
-
-
 def _run(device: torch.device, chunks, work) -> None:
-    """Call ``work(r0, r1)`` for every chunk. On CPU, with more than one chunk: over as many
-    Python threads as torch had intra-op threads, with torch's intra-op threads set to 1 until
-    the last concurrent call returns (see the module docstring)."""
-    global _threads_users, _threads_saved
-    if device.type != "cpu" or len(chunks) == 1:
+    """Call ``work(r0, r1)`` for every chunk; on CPU through ``kernels.threads.parallel_map`` (see
+    the module docstring)."""
+    if device.type != "cpu":
         for chunk in chunks:
             work(*chunk)
         return
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads_users += 1
-        workers = min(_threads_saved, len(chunks))
-    try:
-        if workers == 1:
-            for chunk in chunks:
-                work(*chunk)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                for done in [pool.submit(work, *chunk) for chunk in chunks]:
-                    done.result()
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                torch.set_num_threads(_threads_saved)
+    parallel_map(lambda chunk: work(*chunk), chunks)
 
 
 def _scratch(local: threading.local, name: str, make):

@@ -61,3 +61,20 @@ def test_coactivation_puts_neurons_that_fire_together_in_one_expert():
     np.testing.assert_array_equal(rows, (x @ w1.T + b1 > 0).T.float().numpy())
     labels = balanced_kmeans(rows, 4, seed=0)
     assert all(len(set(labels[groups.numpy() == g])) == 1 for g in range(4)), labels
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_layers_cluster_in_parallel_with_the_same_result(threads):
+    from pipeline.moefication.param_cluster import cluster_layers
+
+    weights = [torch.from_numpy(planted(8, 16, 32, seed=s)[0]).float() for s in range(3)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tensors, metrics = cluster_layers(weights, 8, seed=0)
+        assert torch.get_num_threads() == threads, "restored after the call"
+    finally:
+        torch.set_num_threads(before)
+    for i, w in enumerate(weights):
+        np.testing.assert_array_equal(tensors[f"layer_{i:03d}.labels"].numpy(), balanced_kmeans(w.numpy(), 8, seed=0))
+    assert metrics["layers"] == 3 and len(metrics["seconds_per_layer"]) == 3

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from kernels.threads import parallel_map
 from pipeline import cli
 from pipeline.cli import UsageError
 from pipeline.moefication.clustering import (CLUSTERS, balanced_kmeans, check_experts, cosine_to_centroid, expert_centroids,
@@ -53,16 +54,25 @@ def cluster_layers(weights: list[torch.Tensor], num_expert: int, method: str = "
         raise ValueError("coactivation clustering needs the neurons' activation profiles, and only it uses them")
     for w in weights:
         check_experts(w.shape[0], num_expert)
-    tensors, cosine, baseline, seconds = {}, [], [], []
-    for i, w in enumerate(tqdm(weights, desc="clustering layers", unit="layer")):
-        rows = w.numpy()
+    bar = tqdm(total=len(weights), desc="clustering layers", unit="layer")
+
+    def cluster(i: int) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        if method != "random":
-            points = rows if features is None else features[i]
-            labels = balanced_kmeans(points, num_expert, seed=seed, iterations=iterations)
+        if method == "random":
+            labels = random_split(weights[i].shape[0], num_expert, seed=seed)
         else:
-            labels = random_split(len(rows), num_expert, seed=seed)
-        seconds.append(round(time.perf_counter() - start, 3))
+            points = weights[i].numpy() if features is None else features[i]
+            labels = balanced_kmeans(points, num_expert, seed=seed, iterations=iterations)
+        bar.update(1)
+        return labels, time.perf_counter() - start
+
+    # layers in parallel, one torch thread each; the labels do not depend on the thread count
+    results = parallel_map(cluster, range(len(weights)))
+    bar.close()
+    tensors, cosine, baseline, seconds = {}, [], [], []
+    for i, (w, (labels, elapsed)) in enumerate(zip(weights, results)):
+        rows = w.numpy()
+        seconds.append(round(elapsed, 3))
         cosine.append(round(cosine_to_centroid(rows, labels), 4))
         baseline.append(round(cosine_to_centroid(rows, random_split(len(rows), num_expert, seed)), 4))
         tensors[f"{layer_key(i)}.labels"] = torch.from_numpy(labels)
