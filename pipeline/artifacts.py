@@ -308,6 +308,18 @@ class Store:
         _fsync_dir(build.path.parent)
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file under a temporary name and rename it into place, so a reader never
+    sees half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def _write_json_durably(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:

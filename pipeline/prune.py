@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from pipeline.artifacts import save_safetensors
 
 PRUNING_MASKS = "pruning_masks.safetensors"
 DEFAULT_TARGETS = ("*.mlp.fc_in.weight", "*.mlp.fc_out.weight", "*.attn.q_proj.weight", "*.attn.k_proj.weight",
@@ -99,10 +101,7 @@ class BMPrune:
             func = get_mask_function(prune_func) if isinstance(prune_func, str) else prune_func
             masks = {name: func(w.detach()).to(torch.bool).cpu() for name, w in weights.items()}
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.partial")
-                save_file({n: m.contiguous() for n, m in masks.items()}, str(tmp))
-                tmp.replace(path)
+                save_safetensors(masks, path)
         masks = {n: masks[n].to(torch.bool) for n in weights}
         with torch.no_grad():
             for name, w in weights.items():

@@ -16,10 +16,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from pipeline import cli
+from pipeline.artifacts import save_safetensors
 from pipeline.cli import UsageError
 from pipeline.moefication.hidden import HIDDEN, layer_name
 from pipeline.moefication.clustering import CLUSTERS
@@ -88,7 +89,7 @@ def train_routers(hidden: Path, weights: list[torch.Tensor], biases: list[torch.
 
 
 def save_routers(tensors: dict, metrics: dict, path: Path) -> None:
-    save_file(tensors, str(path), metadata={k: str(metrics[k]) for k in ("num_expert", "topk", "layers")})
+    save_safetensors(tensors, path, metadata={k: str(metrics[k]) for k in ("num_expert", "topk", "layers")})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                                          args.num_expert, topk, args.epochs, args.batch_size, args.lr, args.seed)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
-    tmp = args.res_path / f".{ROUTERS}.partial"
-    save_routers(tensors, metrics, tmp)
-    tmp.replace(args.res_path / ROUTERS)
+    save_routers(tensors, metrics, args.res_path / ROUTERS)
     print(f"{args.res_path / ROUTERS}: {metrics['layers']} routers; held-out coverage at top-{topk}: router "
           f"{metrics['mean_router_coverage']}, groundtruth {metrics['mean_groundtruth_coverage']} "
           f"(ratio {metrics['mean_coverage_ratio']})")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from kernels.threads import parallel_map
 from pipeline import cli
+from pipeline.artifacts import save_safetensors
 from pipeline.cli import UsageError
 from pipeline.moefication.clustering import (CLUSTERS, balanced_kmeans, check_experts, cosine_to_centroid, expert_centroids,
                                              random_split)
@@ -86,7 +86,7 @@ def cluster_layers(weights: list[torch.Tensor], num_expert: int, method: str = "
 
 def save_clusters(tensors: dict, metrics: dict, path: Path) -> None:
     keys = ("layers", "num_expert", "d_ff", "d_model", "method")
-    save_file(tensors, str(path), metadata={k: str(metrics[k]) for k in keys})
+    save_safetensors(tensors, path, metadata={k: str(metrics[k]) for k in keys})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     tensors, metrics = cluster_layers(weights, args.num_expert, args.method, args.seed, args.iterations)
-    args.res_path.mkdir(parents=True, exist_ok=True)
-    tmp = args.res_path / f".{CLUSTERS}.partial"
-    save_clusters(tensors, metrics, tmp)
-    tmp.replace(args.res_path / CLUSTERS)
+    save_clusters(tensors, metrics, args.res_path / CLUSTERS)
     print(f"{args.res_path / CLUSTERS}: {metrics['layers']} layers x {args.num_expert} experts of "
           f"{metrics['expert_size']} neurons, mean cosine to centroid {metrics['mean_cosine_to_centroid']} "
           f"(random split {np.mean(metrics['random_split_cosine']):.4f})")
