@@ -32,6 +32,7 @@ from pipeline.cli import UsageError
 from pipeline.data import load_tokens
 from pipeline.distill import BMDistill, DistillConfig, lm_forward
 from pipeline.models import GPTJ, GPTJConfig, checkpoint_config, get_preset, load_state_dict_from_dir, save_pretrained
+from pipeline.moefication.routed import route_experts
 from pipeline.prune import PRUNING_MASKS, BMPrune
 from pipeline.quant import BMQuant
 
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-func", default="m4n2_2d_greedy", help="m4n2_1d, m4n2_2d_greedy or m4n2_2d_best")
     p.add_argument("--pruning-mask", type=Path,
                    help=f"mask checkpoint: loaded when it exists, else computed and saved (default: SAVE_DIR/{PRUNING_MASKS})")
+    # MoE routing active (BMMoE)
+    p.add_argument("--moe", type=Path,
+                   help="a Routers artifact directory (clusters and routers): train with every FFN computing only "
+                        "the top-k experts its frozen router picks (needs a -relu model)")
+    p.add_argument("--moe-topk", type=int, help="experts per token with --moe")
     # a flag of the seed whose feature is a stage of its own here
     p.add_argument("--save-hidden", action="store_true")
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a crash
@@ -198,6 +204,8 @@ def check_args(args, world: int) -> None:
                          f"times --grad-accum {args.grad_accum}")
     if args.use_kd and args.load_teacher is None:
         raise UsageError("--use-kd needs --load-teacher (the teacher's weights)")
+    if args.moe is not None and args.moe_topk is None:
+        raise UsageError("--moe needs --moe-topk (how many experts each token uses)")
     if args.use_pruning:
         from kernels import get_mask_function
 
@@ -314,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             BMPrune.compute_mask(model, args.prune_func, checkpoint=mask_path if rank == 0 or mask_path.exists() else None)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if args.moe is not None:
+        try:
+            route_experts(model, args.moe, args.moe_topk)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--moe: {e}") from None
     if int8:
         BMQuant.quantize(model)
     extra_params: list = []

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from pipeline.models import GPTJ, get_preset
 from pipeline.moefication import BMMoE, balanced_kmeans
 from pipeline.moefication.clustering import expert_centroids
+from pipeline.moefication.routed import route_experts
 
 
 @pytest.fixture
@@ -98,3 +99,32 @@ def test_a_shard_with_no_windows_is_a_valid_empty_file(tmp_path):
     write_shard(model, tmp_path / "shard-1.h5", np.zeros((0, 16), np.int64), np.zeros(0, bool), 4, "empty")
     with h5py.File(tmp_path / "shard-1.h5", "r") as f:
         assert f["layer_000"].shape == (0, 64) and f["heldout"].shape == (0,) and f.attrs["complete"]
+
+
+def test_routed_training_ffn_equals_the_moe_simulation(relu_model_and_checkpoint):
+    """route_experts (training) computes what BMMoE.moefy's simulation does, keeps the GPT-J
+    parameter names, trains fc_in/fc_out and not the routers."""
+    model, ckpt = relu_model_and_checkpoint
+    ids = torch.randint(0, 512, (2, 20))
+    simulated = copy.deepcopy(model)
+    BMMoE.moefy(simulated, 8, 3, ckpt)
+    names = set(model.state_dict())
+    assert route_experts(model, ckpt, 3) == 8
+    assert set(model.state_dict()) == names, "the routed model's state dict is still a GPT-J one"
+    torch.testing.assert_close(logits(model, ids), logits(simulated, ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(model, ids), logits(GPTJ(model.config).eval(), ids))
+    model.train()
+    model(ids).sum().backward()
+    mlp = model.transformer.h[0].mlp
+    assert mlp.fc_in.weight.grad is not None and mlp.fc_in.weight.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in mlp.routers[0].parameters())
+    assert all("router" not in n for n, _ in model.named_parameters())
+
+
+def test_routed_refuses_bad_topk_and_leaves_the_model(relu_model_and_checkpoint):
+    model, ckpt = relu_model_and_checkpoint
+    ids = torch.randint(0, 512, (1, 8))
+    before = logits(model, ids)
+    with pytest.raises(ValueError, match="topk 9 is out of range: expected 1 to num_expert \\(8\\)"):
+        route_experts(model, ckpt, 9)
+    assert torch.equal(logits(model, ids), before)

@@ -1,0 +1,87 @@
+"""MoE routing during training: each FFN computes only what its top-k experts would give.
+
+``route_experts(model, path, topk)`` replaces every ReLU FFN by a ``RoutedMLP`` that keeps the
+FFN's own ``fc_in`` and ``fc_out`` (same parameter names, so the state dict stays a GPT-J one, and
+int8 QAT flags and 2:4 pruning masks keep applying to them) and zeroes, per token, the activations
+of the experts its router did not choose. The routers are frozen: they are not parameters of the
+model, and the experts learn to live with their choices (the MoE fine-tuning of MoEfication).
+
+``load_experts`` reads and checks a Routers artifact's clusters and routers; ``BMMoE.moefy``
+builds its inference modules from the same.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from pipeline.moefication.clustering import CLUSTERS
+from pipeline.moefication.router import ROUTERS, Router
+
+
+def load_experts(model, path, num_expert: int | None = None) -> list[tuple[torch.Tensor, Router]]:
+    """Per layer of ``model``: (expert label of each FFN neuron, router), from a directory holding
+    ``clusters.safetensors`` and ``routers.safetensors``; checked against the model (and against
+    ``num_expert`` when given)."""
+    path = Path(path)
+    for name in (CLUSTERS, ROUTERS):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing: the MoE needs the clusters and routers there "
+                                    f"(a Routers artifact directory)")
+    clusters, routers = load_file(str(path / CLUSTERS)), load_file(str(path / ROUTERS))
+    layers = []
+    for i, block in enumerate(model.transformer.h):
+        key = f"layer_{i:03d}"
+        if f"{key}.labels" not in clusters or f"{key}.a" not in routers:
+            raise ValueError(f"{path}: no clusters or router for layer {i}; they come from another model")
+        labels, a = clusters[f"{key}.labels"].long(), routers[f"{key}.a"]
+        d_ff, d_model = block.mlp.fc_in.weight.shape
+        experts = num_expert or a.shape[0]
+        if len(labels) != d_ff or a.shape != (experts, d_model) or int(labels.max()) >= experts:
+            raise ValueError(f"{path}: layer {i}'s clusters or router do not fit this model with "
+                             f"{experts} experts (they come from another model or setting)")
+        router = Router(d_model, experts)
+        router.load_state_dict({"a.weight": a, "b.weight": routers[f"{key}.b"]})
+        layers.append((labels, router.requires_grad_(False)))
+    return layers
+
+
+def check_topk(topk: int, num_expert: int) -> None:
+    if not 1 <= topk <= num_expert:
+        raise ValueError(f"topk {topk} is out of range: expected 1 to num_expert ({num_expert})")
+
+
+class RoutedMLP(nn.Module):
+    """The FFN ``fc_out(relu(fc_in(x)) * m)``, with ``m`` keeping the neurons of the ``topk`` experts
+    the (frozen) router picks for each token."""
+
+    def __init__(self, mlp, labels: torch.Tensor, router: Router, topk: int):
+        super().__init__()
+        if mlp.activation != "relu":
+            raise ValueError("MoE routing needs a ReLU model (convert it with the ReluModel stage first)")
+        num_expert = router.b.weight.shape[0]
+        check_topk(topk, num_expert)
+        self.fc_in, self.fc_out, self.activation = mlp.fc_in, mlp.fc_out, "relu"
+        self.register_buffer("expert_of", labels.to(mlp.fc_in.weight.device), persistent=False)
+        self.routers = [router.to(mlp.fc_in.weight.device)]  # a list: not a submodule, so neither trained nor saved
+        self.topk, self.num_expert = topk, num_expert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc_in(x))
+        with torch.no_grad():
+            chosen = self.routers[0](x.detach()).topk(self.topk, dim=-1).indices
+            keep = torch.zeros(*x.shape[:-1], self.num_expert, dtype=h.dtype, device=h.device)
+            keep.scatter_(-1, chosen, 1.0)
+        return self.fc_out(h * keep[..., self.expert_of])
+
+
+def route_experts(model, path, topk: int) -> int:
+    """Replace every FFN of ``model`` by its routed version (nothing changes when the checkpoint
+    does not fit); returns the number of experts per layer."""
+    layers = load_experts(model, path)
+    routed = [RoutedMLP(block.mlp, labels, router, topk) for block, (labels, router) in zip(model.transformer.h, layers)]
+    for block, mlp in zip(model.transformer.h, routed):
+        block.mlp = mlp
+    return routed[0].num_expert
