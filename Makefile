@@ -10,7 +10,7 @@ OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
              $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
 
 # `make moefy`: Corpus -> BaseModel -> ReluModel -> HiddenStates -> ExpertClusters -> Routers -> Moefied
-.PHONY: setup base relu moefy status gc gc-dry-run test bench bench-moe clean-venv
+.PHONY: setup base relu moefy compress report status gc gc-dry-run test bench bench-moe clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ relu: setup
 
 moefy: setup
 	$(LUIGI) Moefied $(OVERRIDES)
+
+# `make compress`: ... -> PruningMasks -> FinalCompressed (and its single-method variants) -> Report
+compress: setup
+	$(LUIGI) FinalCompressed $(OVERRIDES)
+	$(LUIGI) Report $(OVERRIDES)
+
+report: setup
+	$(LUIGI) Report $(OVERRIDES)
 
 status: setup
 	$(PY) -m pipeline.status $(OVERRIDES)

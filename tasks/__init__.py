@@ -10,9 +10,11 @@ from tasks.expert_clusters import ExpertClusters
 from tasks.routers import Routers
 from tasks.moefied import Moefied
 from tasks.pruning_masks import PruningMasks
+from tasks.final_compressed import FinalCompressed
+from tasks.report import Report
 
 # The stages whose upstream closure is "the whole current graph" (status, gc, the no-op bench).
-TARGETS = (Moefied, PruningMasks)
+TARGETS = (Moefied, Report)
 
 
 class AllStages(luigi.WrapperTask):
@@ -22,7 +24,8 @@ class AllStages(luigi.WrapperTask):
         return [cls() for cls in TARGETS]
 
 
-check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates, ExpertClusters, Routers, Moefied, PruningMasks])
+check_config([pipeline_settings, Corpus, BaseModel, ReluModel, HiddenStates, ExpertClusters, Routers, Moefied, PruningMasks,
+              FinalCompressed, Report])
 
 __all__ = ["Stage", "pipeline_settings", "Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters",
-           "Routers", "Moefied", "PruningMasks", "AllStages", "TARGETS"]
+           "Routers", "Moefied", "PruningMasks", "FinalCompressed", "Report", "AllStages", "TARGETS"]

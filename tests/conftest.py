@@ -58,3 +58,53 @@ def make_project(root: Path) -> Project:
 @pytest.fixture
 def project(tmp_path) -> Project:
     return make_project(tmp_path / "project")
+
+
+TWO_RANKS = ("--pipeline-nproc-per-node", "2")  # as the chain was built: the same versions
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory) -> Project:
+    """The whole chain on the smoke preset with two torchrun ranks, through the Makefile as a user
+    runs it: `make moefy NPROC=2`, then `make compress NPROC=2`. Built once per session."""
+    project = make_project(tmp_path_factory.mktemp("chain") / "project")
+    venv = sys.prefix  # the running environment; -o: never reinstall it from the copied pyproject
+    for target in ("moefy", "compress"):
+        proc = subprocess.run(["make", "-o", f"{venv}/.installed", target, "NPROC=2", f"VENV={venv}"],
+                              cwd=project.root, env=project.env, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, f"make {target}\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+    return project
+
+
+@pytest.fixture
+def relu_model_and_checkpoint(tmp_path):
+    """A random ReLU smoke model and a Routers-like directory for it: 8 balanced k-means experts
+    per layer, routers near the expert centroids."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models import GPTJ, get_preset
+    from pipeline.moefication import balanced_kmeans
+    from pipeline.moefication.clustering import expert_centroids
+
+    torch.manual_seed(0)
+    model = GPTJ(get_preset("gpt-j-smoke").replace(activation="relu")).eval()
+    clusters, routers = {}, {}
+    for i, block in enumerate(model.transformer.h):
+        rows = block.mlp.fc_in.weight.detach().numpy()
+        labels = balanced_kmeans(rows, 8, seed=i)
+        clusters[f"layer_{i:03d}.labels"] = torch.from_numpy(labels)
+        routers[f"layer_{i:03d}.a"] = expert_centroids(rows, labels) + 0.1 * torch.randn(8, 64)
+        routers[f"layer_{i:03d}.b"] = torch.eye(8) + 0.1 * torch.randn(8, 8)
+    save_file(clusters, str(tmp_path / "clusters.safetensors"))
+    save_file(routers, str(tmp_path / "routers.safetensors"))
+    return model, tmp_path
+
+
+def artifact(project, stage, pick=None):
+    paths = sorted(project.artifacts.glob(f"{stage}/*/manifest.json"))
+    manifests = [(p.parent, json.loads(p.read_text())) for p in paths]
+    if pick:
+        manifests = [m for m in manifests if pick(m[1])]
+    assert len(manifests) == 1, (stage, [p for p, _ in manifests])
+    return manifests[0]

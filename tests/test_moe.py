@@ -4,28 +4,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from pipeline.models import GPTJ, get_preset
 from pipeline.moefication import BMMoE, balanced_kmeans
-from pipeline.moefication.clustering import expert_centroids
 from pipeline.moefication.routed import route_experts
-
-
-@pytest.fixture
-def relu_model_and_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = GPTJ(get_preset("gpt-j-smoke").replace(activation="relu")).eval()
-    clusters, routers = {}, {}
-    for i, block in enumerate(model.transformer.h):
-        rows = block.mlp.fc_in.weight.detach().numpy()
-        labels = balanced_kmeans(rows, 8, seed=i)
-        clusters[f"layer_{i:03d}.labels"] = torch.from_numpy(labels)
-        routers[f"layer_{i:03d}.a"] = expert_centroids(rows, labels) + 0.1 * torch.randn(8, 64)
-        routers[f"layer_{i:03d}.b"] = torch.eye(8) + 0.1 * torch.randn(8, 8)
-    save_file(clusters, str(tmp_path / "clusters.safetensors"))
-    save_file(routers, str(tmp_path / "routers.safetensors"))
-    return model, tmp_path
 
 
 def logits(model, ids):

@@ -1,10 +1,8 @@
-"""The MoEfication chain on the smoke preset, built once by `make moefy NPROC=2` (two torchrun
-ranks): the HDF5 file holds exactly the FFN inputs, the clusters are balanced, the routers beat a
-random router, Moefied reports its table, the seed-style CLIs reproduce the stages' files, and
-PruningMasks searches 2:4 masks in the experts' neuron order."""
-import json
-import subprocess
-import sys
+"""The MoEfication chain on the smoke preset (the session's ``chain``: `make moefy NPROC=2` with
+two torchrun ranks, then `make compress`): the HDF5 file holds exactly the FFN inputs, the
+clusters are balanced, the routers beat a random router, Moefied reports its table, the
+seed-style CLIs reproduce the stages' files, and PruningMasks searches 2:4 masks in the experts'
+neuron order."""
 
 import h5py
 import numpy as np
@@ -12,33 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_project
+from conftest import TWO_RANKS, artifact
 from pipeline.data import load_tokens
 from pipeline.evaluate import windows
 from pipeline.models import from_pretrained
 from pipeline.moefication import BMMoE
 
-TWO_RANKS = ("--pipeline-nproc-per-node", "2")  # as the chain was built: the same versions
 STAGES = ("Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters", "Routers", "Moefied")
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("moefy") / "project")
-    venv = sys.prefix  # the running environment; -o: never reinstall it from the copied pyproject
-    proc = subprocess.run(["make", "-o", f"{venv}/.installed", "moefy", "NPROC=2", f"VENV={venv}"],
-                          cwd=project.root, env=project.env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return project
-
-
-def artifact(project, stage, pick=None):
-    paths = sorted(project.artifacts.glob(f"{stage}/*/manifest.json"))
-    manifests = [(p.parent, json.loads(p.read_text())) for p in paths]
-    if pick:
-        manifests = [m for m in manifests if pick(m[1])]
-    assert len(manifests) == 1, (stage, [p for p, _ in manifests])
-    return manifests[0]
 
 
 def test_every_stage_is_published_once_and_up_to_date(chain):

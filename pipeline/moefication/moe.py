@@ -7,14 +7,11 @@ model when ``topk == num_expert``); the sparse path gathers only the chosen expe
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
-from pipeline.moefication.clustering import CLUSTERS
-from pipeline.moefication.router import ROUTERS, Router
+from pipeline.moefication.routed import check_topk, load_experts
+from pipeline.moefication.router import Router
 from pipeline.moefication.sparse import sparse_ffn
 
 SELECTIONS = ("router", "groundtruth")
@@ -29,8 +26,7 @@ class MoEFFN(nn.Module):
         if sparse and selection == "groundtruth":
             raise ValueError("groundtruth selection needs every activation, so it runs only as the simulation")
         num_expert = router.b.weight.shape[0]
-        if not 1 <= topk <= num_expert:
-            raise ValueError(f"topk {topk} is out of range: expected 1 to num_expert ({num_expert})")
+        check_topk(topk, num_expert)
         if mlp.activation != "relu":
             raise ValueError("MoEfication needs a ReLU model (convert it with the ReluModel stage first)")
         perm = torch.argsort(labels, stable=True)
@@ -66,23 +62,9 @@ class BMMoE:
         and routers (``clusters.safetensors``, ``routers.safetensors``: a Routers artifact).
         ``selection="groundtruth"`` picks the experts by their true activation (the upper bound a
         router can reach; simulation only)."""
-        path = Path(checkpoint_path)
-        for name in (CLUSTERS, ROUTERS):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} is missing: moefy needs the clusters and routers there")
-        clusters, routers = load_file(str(path / CLUSTERS)), load_file(str(path / ROUTERS))
-        moe = []  # built for every layer before any is replaced: a bad checkpoint changes nothing
-        for i, block in enumerate(model.transformer.h):
-            key = f"layer_{i:03d}"
-            if f"{key}.labels" not in clusters or f"{key}.a" not in routers:
-                raise ValueError(f"{path}: no clusters or router for layer {i}; they come from another model")
-            labels = clusters[f"{key}.labels"].long()
-            d_ff, d_model = block.mlp.fc_in.weight.shape
-            if len(labels) != d_ff or routers[f"{key}.a"].shape != (num_expert, d_model):
-                raise ValueError(f"{path}: layer {i}'s clusters or router do not fit this model with "
-                                 f"{num_expert} experts (they come from another model or setting)")
-            router = Router(routers[f"{key}.a"].shape[1], num_expert)
-            router.load_state_dict({"a.weight": routers[f"{key}.a"], "b.weight": routers[f"{key}.b"]})
-            moe.append(MoEFFN(block.mlp, labels, router, topk, sparse, selection))
+        layers = load_experts(model, checkpoint_path, num_expert)
+        # built for every layer before any is replaced: a bad checkpoint changes nothing
+        moe = [MoEFFN(block.mlp, labels, router, topk, sparse, selection)
+               for block, (labels, router) in zip(model.transformer.h, layers)]
         for block, ffn in zip(model.transformer.h, moe):
             block.mlp = ffn

@@ -1,0 +1,149 @@
+"""The compressed model on disk and in memory: int8 weights, routers and expert permutations.
+
+``export_compressed(model, path, routers=dir, topk=k)`` writes
+
+* ``model.int8.safetensors`` and ``config.json`` (``pipeline.quant.export_int8``'s format: int8
+  weights with one fp16 scale per output row, fp16 norms and biases), with each FFN's neurons
+  permuted into expert order (expert ``e`` is neurons ``e*size:(e+1)*size``; the permutation does
+  not change the function) and 2:4 zeros kept as they are;
+* with MoE, ``routers.safetensors`` (each layer's router) and ``experts.safetensors`` (each
+  layer's permutation: position ``j`` holds original neuron ``permutation[j]``), and a ``moe``
+  entry in config.json with the number of experts and the top-k.
+
+``load_compressed(path)`` gives a GPTJ whose linear layers run the int8 GEMM with the arithmetic
+QAT trained with (tokens quantized per row, weights per output row, exact integer accumulation),
+and whose FFNs, with MoE, compute only the chosen experts' neurons in int8.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from kernels.int8 import INT8_MAX, int8_backend, int_matmul
+from pipeline.artifacts import save_safetensors
+from pipeline.moefication.routed import check_topk, load_experts
+from pipeline.moefication.router import ROUTERS, Router
+from pipeline.quant import INT8_WEIGHTS, Int8Linear, export_int8, load_int8
+
+EXPERTS = "experts.safetensors"
+
+
+def int8_product(x: torch.Tensor, q_weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ w^T`` for finite fp32 ``x`` (tokens, in) and an int8 weight (out, in) with fp32
+    per-row ``scale``, in QAT's forward arithmetic (``kernels.int8``: fp16 absmax scale per token,
+    round half to even, clamp to 127, exact integer GEMM, then ``(acc * s_x) * s_w`` in fp32),
+    with fewer passes than training's version, which also guards NaN."""
+    s_x = x.abs().amax(1, keepdim=True).div_(INT8_MAX).half().float()
+    s_x.masked_fill_(s_x == 0, float("inf"))  # an all-zero (or fp16-underflowing) row quantizes to 0
+    q_x = torch.div(x, s_x).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    acc = int_matmul(q_x[None], q_weight.T[None], int8_backend(x.device.type))[0]
+    return acc.float().mul_(s_x.masked_fill_(s_x == float("inf"), 0)).mul_(scale)
+
+
+class QLinear(nn.Module):
+    """Inference linear layer over int8 weights with per-row scales, in QAT's arithmetic (tokens
+    quantized one by one). ``pipeline.quant.Int8Linear`` (fbgemm, the activations quantized per
+    call) is faster on CPU; this one computes what training computed."""
+
+    def __init__(self, q_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("q_weight", q_weight)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_product(x.reshape(-1, x.shape[-1]).float(), self.q_weight, self.scale)
+        y = y + self.bias if self.bias is not None else y
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+class Int8MoEFFN(nn.Module):
+    """A ReLU FFN in expert order, int8, computing per call only the neurons of the experts that
+    some token chose (their int8 rows are gathered into one GEMM) and, per token, keeping only its
+    own experts' activations: the same function as training's RoutedMLP."""
+
+    def __init__(self, fc_in: QLinear, fc_out: QLinear, router: Router, topk: int):
+        super().__init__()
+        self.num_expert = router.b.weight.shape[0]
+        check_topk(topk, self.num_expert)
+        self.register_buffer("q_w1", fc_in.q_weight)
+        self.register_buffer("s_w1", fc_in.scale)
+        self.register_buffer("b1", fc_in.bias.float())
+        self.register_buffer("q_w2t", fc_out.q_weight.T.contiguous())  # expert-major: an expert is a block of rows
+        self.register_buffer("s_w2", fc_out.scale)
+        self.register_buffer("b2", fc_out.bias.float())
+        self.router, self.topk = router, topk
+        self.size = len(self.b1) // self.num_expert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        chosen = self.router(flat).topk(self.topk, dim=-1).indices
+        used = torch.unique(chosen)  # sorted
+        neurons = (used[:, None] * self.size + torch.arange(self.size, device=x.device)).flatten()
+        h = torch.relu_(int8_product(flat, self.q_w1[neurons], self.s_w1[neurons]) + self.b1[neurons])
+        keep = torch.zeros(len(flat), self.num_expert, device=x.device).scatter_(1, chosen, 1.0)[:, used]
+        h = h * keep.repeat_interleave(self.size, dim=1)
+        out = int8_product(h, self.q_w2t[neurons].T, self.s_w2) + self.b2
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+@torch.no_grad()
+def export_compressed(model, path, routers: Path | None = None, topk: int | None = None) -> dict:
+    """Write the compressed model of ``model`` (a dense GPTJ) to ``path``; with ``routers`` (a
+    Routers artifact directory) and ``topk`` its FFNs become int8 MoE layers. Returns byte sizes."""
+    path = Path(path)
+    model = copy.deepcopy(model).cpu().float()
+    moe = None
+    if routers is not None:
+        layers = load_experts(model, routers)
+        check_topk(topk or 0, layers[0][1].b.weight.shape[0])
+        router_tensors, permutations = {}, {}
+        for i, (block, (labels, router)) in enumerate(zip(model.transformer.h, layers)):
+            perm = torch.argsort(labels, stable=True)
+            block.mlp.fc_in.weight.copy_(block.mlp.fc_in.weight[perm])
+            block.mlp.fc_in.bias.copy_(block.mlp.fc_in.bias[perm])
+            block.mlp.fc_out.weight.copy_(block.mlp.fc_out.weight[:, perm])
+            router_tensors[f"layer_{i:03d}.a"] = router.a.weight.contiguous()
+            router_tensors[f"layer_{i:03d}.b"] = router.b.weight.contiguous()
+            permutations[f"layer_{i:03d}.permutation"] = perm.to(torch.int32)
+        moe = {"num_expert": int(layers[0][1].b.weight.shape[0]), "topk": int(topk)}
+    sizes = export_int8(model, path)
+    if moe is not None:
+        save_safetensors(router_tensors, path / ROUTERS)
+        save_safetensors(permutations, path / EXPERTS)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
+    files = [INT8_WEIGHTS] + ([ROUTERS, EXPERTS] if moe else [])
+    return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"]}
+
+
+def is_compressed(path) -> bool:
+    return (Path(path) / INT8_WEIGHTS).is_file()
+
+
+def load_compressed(path, exact: bool = False):
+    """The model ``export_compressed`` wrote, on CPU, ready for inference: attention and output
+    layers run fbgemm's int8 GEMM (``Int8Linear``), or with ``exact`` QAT's arithmetic
+    (``QLinear``); MoE FFNs always run QAT's arithmetic on the chosen experts."""
+    path = Path(path)
+    model = load_int8(path)
+    moe = json.loads((path / "config.json").read_text()).get("moe")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Linear) and (exact or moe and ".mlp.fc_" in name):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, QLinear(module.q_weight, module.scale, module.bias))
+    if moe:
+        if not (path / ROUTERS).is_file():
+            raise FileNotFoundError(f"{path / ROUTERS} is missing: {path / 'config.json'} describes a MoE model")
+        routers = load_file(str(path / ROUTERS))
+        for i, block in enumerate(model.transformer.h):
+            a = routers[f"layer_{i:03d}.a"].float()
+            router = Router(a.shape[1], moe["num_expert"])
+            router.load_state_dict({"a.weight": a, "b.weight": routers[f"layer_{i:03d}.b"].float()})
+            block.mlp = Int8MoEFFN(block.mlp.fc_in, block.mlp.fc_out, router, moe["topk"])
+    return model.eval()

@@ -1,0 +1,99 @@
+"""Generate text from a pipeline model on CPU and report its speed:
+
+    python -m pipeline.generate --model artifacts/FinalCompressed/<version> --prompt "def main("
+
+``--model`` is a compressed model directory (int8 weights, routers: run with the int8 kernels and
+the sparse MoE path), a FinalCompressed artifact (its ``compressed/`` directory when it has one,
+else its dense weights), or any model directory with config.json and safetensors. The tokenizer
+is the directory's ``tokenizer.json`` (or ``--tokenizer``). Greedy by default.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import cli
+from pipeline.cli import UsageError
+
+COMPRESSED_DIR = "compressed"
+TOKENIZER = "tokenizer.json"
+
+
+def resolve(path: Path) -> Path:
+    """The directory to load for ``--model``: a FinalCompressed artifact's compressed model when it has one."""
+    if not path.is_dir():
+        raise UsageError(f"--model {path} is not a directory (expected a model or FinalCompressed artifact directory)")
+    return path / COMPRESSED_DIR if (path / COMPRESSED_DIR / "config.json").is_file() else path
+
+
+def load_model(path: Path):
+    """A compressed (int8, maybe MoE) model or a dense one, whichever ``path`` holds, for CPU inference."""
+    from pipeline.compressed import is_compressed, load_compressed
+    from pipeline.models import from_pretrained
+    from pipeline.models.config import CheckpointError
+
+    try:
+        return load_compressed(path) if is_compressed(path) else from_pretrained(path)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--model {path}: {e}") from None
+
+
+@torch.no_grad()
+def generate(model, ids: list[int], new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
+    """``ids`` extended by ``new_tokens`` tokens (the window slides at the model's n_positions)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = list(ids)
+    for _ in range(new_tokens):
+        window = torch.tensor([ids[-model.config.n_positions:]])
+        logits = model(window)[0, -1].float()
+        if temperature > 0:
+            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)))
+        else:
+            ids.append(int(logits.argmax()))
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", type=Path, help=f"a tokenizers JSON file (default: the model directory's {TOKENIZER})")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens is {args.max_new_tokens}, expected a positive integer")
+    path = resolve(args.model)
+    tokenizer_file = args.tokenizer or next((d / TOKENIZER for d in (path, args.model) if (d / TOKENIZER).is_file()), None)
+    if tokenizer_file is None or not tokenizer_file.is_file():
+        raise UsageError(f"no tokenizer: {path / TOKENIZER} does not exist (pass --tokenizer FILE)")
+    from tokenizers import Tokenizer
+
+    from pipeline.compressed import Int8MoEFFN, is_compressed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    model = load_model(path)
+    prompt = tokenizer.encode(args.prompt).ids
+    if not prompt:
+        raise UsageError("--prompt encodes to no tokens; give some text")
+    start = time.perf_counter()
+    ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.seed)
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(ids))
+    kind = "dense fp32"
+    if is_compressed(path):
+        kind = "int8 MoE" if isinstance(model.transformer.h[0].mlp, Int8MoEFFN) else "int8"
+    print(f"--- {args.max_new_tokens} new tokens in {seconds:.2f} s: {args.max_new_tokens / seconds:.1f} tokens/s "
+          f"({kind} model from {path})")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

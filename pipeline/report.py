@@ -1,0 +1,109 @@
+"""The comparison report: every variant's perplexity, file size and CPU speed, measured in one
+run, with plots of the training curves, activation sparsity, router coverage and perplexity
+against size."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPEED_TOKENS = (1, 16)
+
+
+@torch.no_grad()
+def tokens_per_second(models: dict, vocab: int, lengths=SPEED_TOKENS, rounds: int = 7, calls: int = 10,
+                      seed: int = 0) -> dict[str, dict[int, float]]:
+    """CPU tokens per second of one forward over ``n`` tokens (one sequence), for every model and
+    ``n`` in ``lengths``. The models take turns within every round (so machine noise hits all
+    alike); each figure is the median over rounds of ``calls`` calls."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {n: torch.randint(0, vocab, (1, n), generator=gen) for n in lengths}
+    times: dict = {name: {n: [] for n in lengths} for name in models}
+    for model in models.values():  # warm-up: packing, allocator, first-call dispatch
+        for ids in inputs.values():
+            model(ids)
+    for _ in range(rounds):
+        for name, model in models.items():
+            for n, ids in inputs.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    model(ids)
+                times[name][n].append((time.perf_counter() - start) / calls)
+    return {name: {n: n / float(np.median(t)) for n, t in per.items()} for name, per in times.items()}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(curves: dict[str, list], out: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        if curve:
+            ax.plot([p[0] for p in curve], [p[1] for p in curve], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (LM + distillation + penalties)")
+    ax.set_title("Training loss of every training stage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_layers(series: dict[str, list], ylabel: str, title: str, out: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in series.items():
+        ax.plot(range(len(values)), values, marker="o", label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_perplexity_size(rows: list[dict], out: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        ax.scatter(r["bytes"] / 2**20, r["perplexity"])
+        ax.annotate(r["name"], (r["bytes"] / 2**20, r["perplexity"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("file size on disk (MiB)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("Perplexity against size")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+PLOTS = {"loss_curves.png": "training loss curves", "ffn_sparsity.png": "per-layer activation sparsity",
+         "router_coverage.png": "router coverage per layer", "perplexity_size.png": "perplexity against size"}
+
+
+def write_markdown(metrics: dict, out: Path, title: str) -> None:
+    rows = metrics["rows"]
+    lines = [f"# {title}", "",
+             f"Every model on the same {metrics['eval_tokens']} validation tokens (windows of {metrics['seq_len']}). "
+             f"Speed: CPU tokens per second of one forward over a sequence of 1 and of 16 tokens, "
+             f"{metrics['threads']} torch threads, all models measured in turns in this run (median of "
+             f"{metrics['rounds']} rounds). Ratios are to the teacher.", "",
+             "| model | perplexity | vs teacher | file size | vs teacher | tok/s (1) | vs teacher | tok/s (16) | vs teacher |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {r['perplexity_ratio']:.3f}x | "
+                     f"{r['bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.3f}x | {r['tokens_per_s_1']:.0f} | "
+                     f"{r['speed_ratio_1']:.2f}x | {r['tokens_per_s_16']:.0f} | {r['speed_ratio_16']:.2f}x |")
+    lines += [""] + [f"- **{r['name']}**: {r['what']}" for r in rows] + [""]
+    lines += [f"![{caption}]({name})" for name, caption in PLOTS.items()] + [""]
+    (out / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,133 @@
+"""FinalCompressed: the student fine-tuned with any combination of int8 quantization-aware training
+(BMQuant), the 2:4 masks held (BMPrune), MoE routing active (BMMoE) and distillation from the base
+model (BMDistill): the seed's "Combination", with MoEfication added.
+
+The student is the ReLU model when ``moe`` is on, else the base model. The artifact directory is
+a Hugging Face GPT-J directory (config.json, model.safetensors with the masks applied,
+tokenizer.json); with ``moe`` it also holds the clusters and routers (what ``BMMoE.moefy``
+loads); with ``int8`` its ``compressed/`` directory holds the deployable model (int8 weights,
+routers, expert permutations) that ``python -m pipeline.generate`` runs.
+"""
+from __future__ import annotations
+
+import shutil
+
+import luigi
+
+from tasks.base_model import BaseModel
+from tasks.corpus import Corpus
+from tasks.pruning_masks import PruningMasks
+from tasks.relu_model import ReluModel
+from tasks.routers import Routers
+from tasks.stage import pipeline_settings
+from tasks.training import TrainingStage, train_model_name
+
+TOGGLES = ("int8", "pruning", "moe", "distill")
+
+
+def toggle(description: str):
+    return luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING, description=description)
+
+
+class FinalCompressed(TrainingStage):
+    TRAINING = TrainingStage.TRAINING + ("kd_ce_logits", "kd_temp", "kd_mse_last_hidden", "kd_mse_hidden",
+                                         "kd_loss_scale", "act_l1")
+    int8 = toggle("int8 quantization-aware training (BMQuant)")
+    pruning = toggle("hold the PruningMasks 2:4 masks (BMPrune)")
+    moe = toggle("fine-tune the ReLU model with MoE routing active (BMMoE); false: the base model, dense")
+    distill = toggle("distillation from the base model (BMDistill)")
+    steps = luigi.IntParameter(default=300)
+    start_lr = luigi.FloatParameter(default=2e-4)
+    warmup = luigi.IntParameter(default=20)
+    weight_decay = luigi.FloatParameter(default=0.0)
+    seed = luigi.IntParameter(default=2)
+    kd_ce_logits = luigi.FloatParameter(default=1.0)
+    kd_temp = luigi.FloatParameter(default=1.0)
+    kd_mse_last_hidden = luigi.FloatParameter(default=0.0)
+    kd_mse_hidden = luigi.FloatParameter(default=0.0)
+    kd_loss_scale = luigi.FloatParameter(default=1.0)
+    act_l1 = luigi.FloatParameter(default=0.0)
+
+    def upstream(self):
+        ups = {"Corpus": Corpus(), "BaseModel": BaseModel()}
+        if self.moe:
+            ups.update(ReluModel=ReluModel(), Routers=Routers())
+        if self.pruning:
+            ups["PruningMasks"] = PruningMasks(moefication=self.moe)
+        return ups
+
+    def effective_params(self) -> dict:
+        return {**self.training_params(), **{t: getattr(self, t) for t in TOGGLES}, "eval_tokens": self.eval_tokens}
+
+    @property
+    def variant(self) -> str:
+        """What this run combines, e.g. ``int8 QAT + 2:4 + MoE + KD``."""
+        parts = [name for on, name in ((self.int8, "int8 QAT"), (self.pruning, "2:4"), (self.moe, "MoE"),
+                                       (self.distill, "KD")) if on]
+        return " + ".join(parts) or "fine-tuning"
+
+    def build(self, build, inputs) -> None:
+        from pipeline.moefication.clustering import CLUSTERS
+        from pipeline.moefication.router import ROUTERS
+        from pipeline.prune import PRUNING_MASKS
+
+        corpus, base = inputs["Corpus"], inputs["BaseModel"]
+        student = inputs["ReluModel"] if self.moe else base
+        name = train_model_name(pipeline_settings().model, ("-relu" if self.moe else "") + ("-int8" if self.int8 else ""))
+        args = ["--model", name, "--load", str(student.path), "--data", str(corpus.path)]
+        if self.distill:
+            args += ["--use-kd", "--load-teacher", str(base.path)]
+        if self.pruning:
+            masks = inputs["PruningMasks"]
+            args += ["--use-pruning", "--prune-func", masks.metrics["prune_func"],
+                     "--pruning-mask", str(masks.file(PRUNING_MASKS))]
+        topk = None
+        if self.moe:
+            routers = inputs["Routers"]
+            topk = routers.metrics["topk"]
+            args += ["--moe", str(routers.path), "--moe-topk", str(topk)]
+            for file in (CLUSTERS, ROUTERS):
+                shutil.copyfile(routers.file(file), build.path / file)
+        self.train(build, *args)
+        shutil.copyfile(corpus.file("tokenizer.json"), build.path / "tokenizer.json")
+        self.evaluate(build, inputs, topk)
+
+    def evaluate(self, build, inputs, topk) -> None:
+        from pipeline.compressed import export_compressed, load_compressed
+        from pipeline.data import load_tokens
+        from pipeline.evaluate import perplexity
+        from pipeline.generate import COMPRESSED_DIR
+        from pipeline.models import from_pretrained
+        from pipeline.moefication.routed import route_experts
+        from pipeline.quant import BMQuant
+
+        base = inputs["BaseModel"]
+        valid = load_tokens(inputs["Corpus"].file("valid.npy"))
+        model = from_pretrained(build.path)
+        trained = from_pretrained(build.path)  # as it ran in training: int8 GEMMs, routed FFNs
+        if self.moe:
+            route_experts(trained, build.path, topk)
+        if self.int8:
+            BMQuant.quantize(trained)
+        teacher_bytes = base.file("model.safetensors").stat().st_size
+        metrics = {"variant": self.variant, "toggles": {t: getattr(self, t) for t in TOGGLES}, "moe_topk": topk,
+                   "hf_bytes": (build.path / "model.safetensors").stat().st_size, "teacher_bytes": teacher_bytes}
+        with build.timed("evaluate"):
+            teacher = perplexity(from_pretrained(base.path), valid, self.seq_len, max_tokens=self.eval_tokens,
+                                 desc="teacher")["perplexity"]
+            ppl = perplexity(trained, valid, self.seq_len, max_tokens=self.eval_tokens, desc=self.variant)["perplexity"]
+            metrics.update(teacher_valid_perplexity=round(teacher, 4), valid_perplexity=round(ppl, 4),
+                           perplexity_ratio=round(ppl / teacher, 4))
+            if self.int8:
+                out = build.path / COMPRESSED_DIR
+                sizes = export_compressed(model, out, build.path if self.moe else None, topk)
+                shutil.copyfile(build.path / "tokenizer.json", out / "tokenizer.json")
+                deployed = perplexity(load_compressed(out), valid, self.seq_len, max_tokens=self.eval_tokens,
+                                      desc="compressed")["perplexity"]
+                metrics.update(compressed_bytes=sizes["bytes"], compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
+                               compressed_valid_perplexity=round(deployed, 4),
+                               compressed_perplexity_ratio=round(deployed / teacher, 4))
+        zeros = [float((p == 0).float().mean()) for n, p in model.named_parameters() if n.endswith("proj.weight")
+                 or ".mlp.fc_" in n and n.endswith("weight")]
+        metrics["pruned_weight_zeros"] = round(sum(zeros) / len(zeros), 4)
+        build.metrics.update(metrics)

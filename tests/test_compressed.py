@@ -1,0 +1,104 @@
+"""The compressed model (int8 weights, routers, expert permutations): what it loads computes what
+QAT trained, it is small, and pipeline.generate runs it."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.compressed import EXPERTS, Int8MoEFFN, QLinear, export_compressed, load_compressed
+from pipeline.moefication.routed import route_experts
+from pipeline.quant import BMQuant, Int8Linear, quantize_rows
+
+
+def as_stored(model):
+    """``model`` with what the int8 file rounds outside the GEMMs rounded alike: the embedding
+    through int8 per row, norms and biases through fp16."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        q, s = quantize_rows(wte.float())
+        wte.copy_(q.float() * s.float()[:, None])
+        for name, p in model.named_parameters():
+            if not (name.endswith(".weight") and p.dim() == 2):
+                p.copy_(p.half().float())
+    return model
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_compressed_model_computes_what_qat_trained(relu_model_and_checkpoint, tmp_path, moe):
+    model, ckpt = relu_model_and_checkpoint
+    with torch.no_grad():  # 2:4-style zeros must survive the export
+        model.transformer.h[0].mlp.fc_in.weight[:, ::2] = 0
+    out = tmp_path / "compressed"
+    sizes = export_compressed(model, out, ckpt if moe else None, 3 if moe else None)
+    qat = as_stored(model)
+    if moe:
+        route_experts(qat, ckpt, 3)
+    BMQuant.quantize(qat)
+    exact, fast = load_compressed(out, exact=True), load_compressed(out)
+    assert isinstance(exact.transformer.h[1].attn.q_proj, QLinear)
+    assert isinstance(fast.transformer.h[1].attn.q_proj, Int8Linear)
+    assert isinstance(exact.transformer.h[0].mlp, Int8MoEFFN) == moe
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        expected, got = qat.eval()(ids), exact(ids)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert (got - model(ids)).abs().max() > 1e-3, "int8 is not the fp32 model"
+        # fbgemm quantizes the activations per call, not per token: an error of int8's own size
+        err, int8_err = (fast(ids) - expected).abs().max(), (expected - model(ids)).abs().max()
+        print(f"fbgemm vs QAT arithmetic: largest logit difference {err:.4f}; int8 vs fp32 {int8_err:.4f}")
+        assert err < 2 * int8_err
+    teacher_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert sizes["bytes"] < 0.3 * teacher_bytes
+    config = json.loads((out / "config.json").read_text())
+    assert config["activation_function"] == "relu"
+    if moe:
+        assert config["moe"] == {"num_expert": 8, "topk": 3}
+        labels = load_file(str(ckpt / "clusters.safetensors"))["layer_000.labels"].long()
+        perm = load_file(str(out / EXPERTS))["layer_000.permutation"].long()
+        assert torch.equal(perm, torch.argsort(labels, stable=True))
+        assert torch.equal(labels[perm], torch.arange(8).repeat_interleave(32)), "experts are contiguous"
+        q = load_file(str(out / "model.int8.safetensors"))["transformer.h.0.mlp.fc_in.q_weight"]
+        assert bool((q[model.transformer.h[0].mlp.fc_in.weight[perm] == 0] == 0).all()), "pruned weights stay 0"
+
+
+def test_int8_moe_reads_only_the_chosen_experts(relu_model_and_checkpoint, tmp_path):
+    """One token uses top-k experts: the FFN's GEMMs see k * size neurons, not all of them."""
+    model, ckpt = relu_model_and_checkpoint
+    export_compressed(model, tmp_path / "c", ckpt, 2)
+    ffn = load_compressed(tmp_path / "c").transformer.h[0].mlp
+    seen = []
+    import pipeline.compressed as compressed
+
+    original = compressed.int8_product
+    compressed.int8_product = lambda x, q, s: seen.append(q.shape) or original(x, q, s)
+    try:
+        ffn(torch.randn(1, 1, 64))
+    finally:
+        compressed.int8_product = original
+    assert seen == [(64, 64), (64, 64)], seen  # (2 experts x 32 neurons, d_model) and its transpose
+
+
+def test_generate_runs_the_compressed_model(relu_model_and_checkpoint, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model, ckpt = relu_model_and_checkpoint
+    out = tmp_path / "artifact" / "compressed"
+    export_compressed(model, out, ckpt, 2)
+    vocab = {chr(97 + i): i for i in range(26)} | {"[UNK]": 26}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(out / "tokenizer.json"))
+    run = subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", str(tmp_path / "artifact"),
+                          "--prompt", "abc", "--max-new-tokens", "5"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert "5 new tokens" in lines[-1] and "tokens/s (int8 MoE model from" in lines[-1]
+    assert lines[0].replace(" ", "").startswith("abc") and len(lines[0].replace(" ", "")) >= 3
+    bad = subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", str(tmp_path / "nowhere"),
+                          "--prompt", "abc"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr

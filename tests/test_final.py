@@ -1,0 +1,105 @@
+"""FinalCompressed and Report on the smoke chain (the session's ``chain``, through `make compress`
+with two torchrun ranks): the combination trains with every method on, its exports load in
+transformers and in pipeline.generate, the report compares every variant, and changing only
+[FinalCompressed] settings reruns only FinalCompressed and Report."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import TWO_RANKS, artifact
+from pipeline.models import from_pretrained
+
+ALL_ON = {"int8": True, "pruning": True, "moe": True, "distill": True}
+STAGES = ("Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters", "Routers", "PruningMasks",
+          "FinalCompressed", "Report")
+
+
+def final(chain):
+    return artifact(chain, "FinalCompressed", lambda m: m["metrics"]["toggles"] == ALL_ON)
+
+
+def test_the_combination_trains_with_every_method(chain):
+    path, manifest = final(chain)
+    m = manifest["metrics"]
+    assert manifest["params"]["world_size"] == 2 and m["world_size"] == 2
+    assert set(manifest["upstream"]) == {"Corpus", "BaseModel", "ReluModel", "Routers", "PruningMasks"}
+    assert m["variant"] == "int8 QAT + 2:4 + MoE + KD" and m["moe_topk"] == 2
+    assert m["pruned_weight_zeros"] >= 0.5, "the 2:4 masks were held"
+    assert len(m["loss_curve"]) == 3 and m["tokens_seen"] == 12 * 8 * 64
+    # the deployed int8 model computes (nearly) what was trained, and it is small
+    assert abs(m["compressed_valid_perplexity"] / m["valid_perplexity"] - 1) < 0.02
+    assert m["compressed_size_ratio"] < 0.35 and m["compressed_bytes"] < 0.35 * m["teacher_bytes"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "clusters.safetensors", "routers.safetensors",
+                 "compressed/config.json", "compressed/model.int8.safetensors", "compressed/routers.safetensors",
+                 "compressed/experts.safetensors", "compressed/tokenizer.json"):
+        assert (path / name).is_file(), name
+    state = from_pretrained(path).state_dict()
+    fc_in = state["transformer.h.0.mlp.fc_in.weight"]
+    assert (fc_in == 0).float().mean() >= 0.5
+    # every variant of the report, and nothing else
+    variants = sorted(m["metrics"]["variant"] for m in (json.loads(p.read_text()) for p in
+                                                       chain.artifacts.glob("FinalCompressed/*/manifest.json")))
+    assert {"2:4 + KD", "int8 QAT + KD", "int8 QAT + 2:4 + KD", "int8 QAT + 2:4 + MoE + KD"} <= set(variants)
+
+
+def test_hf_export_loads_in_transformers_with_the_projects_logits(chain):
+    from transformers import GPTJForCausalLM
+
+    path, _ = final(chain)
+    config = json.loads((path / "config.json").read_text())
+    assert config["activation_function"] == "relu" and config["model_type"] == "gptj"
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    hf = GPTJForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, from_pretrained(path)(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_generate_runs_from_the_final_artifact(chain):
+    path, _ = final(chain)
+    run = chain.run("-m", "pipeline.generate", "--model", str(path), "--prompt", "def main(", "--max-new-tokens", "8")
+    text, summary = run.stdout.strip().rsplit("\n", 1)
+    assert text.startswith("def main(")
+    assert summary.startswith("--- 8 new tokens in") and "(int8 MoE model from" in summary
+
+
+def test_report_compares_every_variant(chain):
+    path, manifest = artifact(chain, "Report")
+    rows = {r["name"]: r for r in manifest["metrics"]["rows"]}
+    assert list(rows) == ["teacher", "ReLU", "MoE 25% experts", "2:4 + KD", "int8 QAT + KD", "int8 + 2:4 + KD",
+                          "final: int8 QAT + 2:4 + MoE + KD", "int8 PTQ (no training)"]
+    teacher = rows["teacher"]
+    assert teacher["perplexity_ratio"] == 1.0 and teacher["speed_ratio_16"] == 1.0
+    _, base = artifact(chain, "BaseModel")
+    assert abs(teacher["perplexity"] - base["metrics"]["valid_perplexity"]) < 0.05 * teacher["perplexity"]
+    _, fin = final(chain)
+    assert rows["final: int8 QAT + 2:4 + MoE + KD"]["bytes"] == fin["metrics"]["compressed_bytes"]
+    for name in ("int8 QAT + KD", "int8 PTQ (no training)", "final: int8 QAT + 2:4 + MoE + KD"):
+        assert rows[name]["size_ratio"] < 0.35, name
+    assert rows["2:4 + KD"]["size_ratio"] == 1.0  # dense storage
+    for r in rows.values():
+        assert r["perplexity"] > 1 and r["tokens_per_s_1"] > 0 and r["tokens_per_s_16"] > 0, r
+    text = (path / "report.md").read_text()
+    for name in rows:
+        assert f"| {name} |" in text
+    for png in ("loss_curves.png", "ffn_sparsity.png", "router_coverage.png", "perplexity_size.png"):
+        assert (path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
+
+
+def test_changing_final_settings_reruns_only_final_and_report(chain, tmp_path):
+    before = {s: chain.versions(s) for s in STAGES}
+    edited = tmp_path / "edited.cfg"  # the smoke configuration with one [FinalCompressed] setting changed
+    text = Path(chain.env["LUIGI_CONFIG_PATH"]).read_text()
+    edited.write_text(text.replace("[FinalCompressed]\n", "[FinalCompressed]\nint8 = false\n", 1))
+    proc = subprocess.run([sys.executable, "-m", "luigi", "--module", "tasks", "Report", *TWO_RANKS], cwd=chain.root,
+                          env={**chain.env, "LUIGI_CONFIG_PATH": str(edited)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new = {s: sorted(set(chain.versions(s)) - set(before[s])) for s in STAGES}
+    assert {s: len(v) for s, v in new.items() if v} == {"FinalCompressed": 1, "Report": 1}
+    manifest = json.loads((chain.artifacts / "Report" / new["Report"][0] / "manifest.json").read_text())
+    rows = {r["name"]: r for r in manifest["metrics"]["rows"]}
+    assert "final: 2:4 + MoE + KD" in rows  # the MoE runs sparse in fp32 when int8 is off
+    assert rows["final: 2:4 + MoE + KD"]["size_ratio"] > 1.0
