@@ -84,11 +84,14 @@ class Int8MoEFFN(nn.Module):
         flat = x.reshape(-1, x.shape[-1]).float()
         chosen = self.router(flat).topk(self.topk, dim=-1).indices
         used = torch.unique(chosen)  # sorted
-        neurons = (used[:, None] * self.size + torch.arange(self.size, device=x.device)).flatten()
-        h = torch.relu_(int8_product(flat, self.q_w1[neurons], self.s_w1[neurons]) + self.b1[neurons])
+
+        def rows(t):  # the used experts' blocks of rows, copied whole
+            return t.view(self.num_expert, self.size, *t.shape[1:]).index_select(0, used).flatten(0, 1)
+
+        h = torch.relu_(int8_product(flat, rows(self.q_w1), rows(self.s_w1)) + rows(self.b1))
         keep = torch.zeros(len(flat), self.num_expert, device=x.device).scatter_(1, chosen, 1.0)[:, used]
-        h = h * keep.repeat_interleave(self.size, dim=1)
-        out = int8_product(h, self.q_w2t[neurons].T, self.s_w2) + self.b2
+        h = h.view(len(flat), len(used), self.size).mul_(keep[:, :, None]).flatten(1)
+        out = int8_product(h, rows(self.q_w2t).T, self.s_w2) + self.b2
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 

@@ -115,6 +115,9 @@ def test_bad_input_is_refused_before_any_work(tmp_path, corpus, smoke_dir, monke
     assert "--prune-func: unknown prune function 'm4n2_9d'" in run_main(*base, "--model", "gpt-j-smoke",
                                                                         "--use-pruning", "--prune-func", "m4n2_9d")
     assert "--model 'gpt-k' is not a known model" in run_main(*base, "--model", "gpt-k")
+    assert "--moe needs --moe-topk" in run_main(*base, "--model", "gpt-j-smoke-relu", "--moe", str(tmp_path))
+    message = run_main(*base, "--model", "gpt-j-smoke-relu", "--moe", str(tmp_path / "nope"), "--moe-topk", "2")
+    assert f"--moe: {tmp_path / 'nope' / 'clusters.safetensors'} is missing" in message
     message = run_main(*base, "--model", "gpt-j-smoke", "--memory-limit-gb", "0.001")
     assert "gpt-j-smoke does not fit: ddp over 1 rank(s) needs" in message and "GiB available" in message
     assert not (tmp_path / "out").exists(), "nothing was written"

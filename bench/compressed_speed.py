@@ -1,0 +1,94 @@
+"""The compressed model's layers against fp32, side by side in one run, at GPT-J size.
+
+One GPT-J block's linear layers: the four attention projections (4096 x 4096) and the FFN
+(4096 -> 16384 -> 4096, 512 experts of 32 neurons). Compared for 1 and 16 tokens of one sequence
+("shared" routing: one random vector plus 0.3x noise per token, so neighbouring tokens mostly
+choose the same experts):
+
+* fp32: ``F.linear`` for the projections, the dense FFN;
+* int8: fbgemm's int8 GEMM (``pipeline.quant.Int8Linear``) for the projections and the dense FFN;
+* int8 MoE: ``pipeline.compressed.Int8MoEFFN`` at top-20%, router included, which gathers the
+  chosen experts' int8 rows into one integer GEMM (oneDNN ``torch._int_mm``).
+
+Every call takes the next of ``--layers`` weight sets, as a deep model would, so weights come from
+memory rather than from a cache that still holds them. The model-level comparison on
+gpt-j-tiny is the Report stage's table.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from pipeline.compressed import Int8MoEFFN, QLinear
+from pipeline.moefication.router import Router
+from pipeline.quant import Int8Linear, quantize_rows
+from timing import median_time
+
+
+def int8(w: torch.Tensor, b: torch.Tensor | None, cls):
+    q, s = quantize_rows(w)
+    return cls(q, s, b)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--d-model", type=int, default=4096)
+    p.add_argument("--d-ff", type=int, default=16384)
+    p.add_argument("--experts", type=int, default=512)
+    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--layers", type=int, default=2, help="weight sets cycled through (beats the cache)")
+    p.add_argument("--runs", type=int, default=15)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    d, f, e = args.d_model, args.d_ff, args.experts
+    topk = max(1, round(args.fraction * e))
+    layers = []
+    for _ in range(args.layers):
+        attn = [torch.randn(d, d) / d**0.5 for _ in range(4)]
+        w1, b1 = torch.randn(f, d) / d**0.5, torch.zeros(f)
+        w2, b2 = torch.randn(d, f) / f**0.5, torch.zeros(d)
+        router = Router(d, e, torch.randn(e, d))
+        layers.append({
+            "attn": attn, "w1": w1, "b1": b1, "w2": w2, "b2": b2,
+            "attn8": [int8(w, None, Int8Linear) for w in attn],
+            "fc_in8": int8(w1, b1, Int8Linear), "fc_out8": int8(w2, b2, Int8Linear),
+            "moe8": Int8MoEFFN(int8(w1, b1, QLinear), int8(w2, b2, QLinear), router, topk),
+        })
+    print(f"d_model {d}, d_ff {f}, {e} experts, top-{topk}; {torch.get_num_threads()} threads; "
+          f"median of {args.runs} calls, each on the next of {args.layers} weight sets")
+    paths = {
+        "fp32 attention projections": lambda L, x: [torch.nn.functional.linear(x, w) for w in L["attn"]],
+        "int8 attention projections": lambda L, x: [m(x) for m in L["attn8"]],
+        "fp32 FFN": lambda L, x: torch.relu(x @ L["w1"].T + L["b1"]) @ L["w2"].T + L["b2"],
+        "int8 FFN (fbgemm)": lambda L, x: L["fc_out8"](torch.relu(L["fc_in8"](x))),
+        "int8 MoE FFN": lambda L, x: L["moe8"](x),
+    }
+    for tokens in (1, 16):
+        base = torch.randn(1, d)
+        x = base + 0.3 * torch.randn(tokens, d)
+        times = {}
+        for _ in range(3):  # interleaved rounds: noise hits every path alike
+            for name, fn in paths.items():
+                counter = iter(range(10**9))
+                with torch.no_grad():
+                    t = median_time(lambda: fn(layers[next(counter) % args.layers], x), args.runs)
+                times.setdefault(name, []).append(t)
+        t = {k: statistics.median(v) for k, v in times.items()}
+        print(f"\n{tokens} token(s):")
+        for name, seconds in t.items():
+            print(f"  {name:28s} {seconds * 1e3:8.2f} ms")
+        print(f"  attention projections: int8 {t['fp32 attention projections'] / t['int8 attention projections']:.2f}x fp32")
+        print(f"  FFN: int8 dense {t['fp32 FFN'] / t['int8 FFN (fbgemm)']:.2f}x fp32, "
+              f"int8 MoE {t['fp32 FFN'] / t['int8 MoE FFN']:.2f}x fp32")
+        block32 = t["fp32 attention projections"] + t["fp32 FFN"]
+        block8 = t["int8 attention projections"] + t["int8 MoE FFN"]
+        print(f"  block linear layers: int8 + MoE {block32 / block8:.2f}x fp32")
+
+
+if __name__ == "__main__":
+    main()
