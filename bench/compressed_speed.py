@@ -8,7 +8,8 @@ choose the same experts):
 * fp32: ``F.linear`` for the projections, the dense FFN;
 * int8: fbgemm's int8 GEMM (``pipeline.quant.Int8Linear``) for the projections and the dense FFN;
 * int8 MoE: ``pipeline.compressed.Int8MoEFFN`` at top-20%, router included, which gathers the
-  chosen experts' int8 rows into one integer GEMM (oneDNN ``torch._int_mm``).
+  chosen experts' int8 rows into one integer GEMM (oneDNN ``torch._int_mm``), or runs the dense
+  int8 FFN with the experts' mask when the tokens choose half of the experts or more.
 
 Every call takes the next of ``--layers`` weight sets, as a deep model would, so weights come from
 memory rather than from a cache that still holds them. The model-level comparison on
@@ -53,11 +54,11 @@ def main() -> None:
         w1, b1 = torch.randn(f, d) / d**0.5, torch.zeros(f)
         w2, b2 = torch.randn(d, f) / f**0.5, torch.zeros(d)
         router = Router(d, e, torch.randn(e, d))
+        fc_in8, fc_out8 = int8(w1, b1, Int8Linear), int8(w2, b2, Int8Linear)
         layers.append({
             "attn": attn, "w1": w1, "b1": b1, "w2": w2, "b2": b2,
-            "attn8": [int8(w, None, Int8Linear) for w in attn],
-            "fc_in8": int8(w1, b1, Int8Linear), "fc_out8": int8(w2, b2, Int8Linear),
-            "moe8": Int8MoEFFN(int8(w1, b1, QLinear), int8(w2, b2, QLinear), router, topk),
+            "attn8": [int8(w, None, Int8Linear) for w in attn], "fc_in8": fc_in8, "fc_out8": fc_out8,
+            "moe8": Int8MoEFFN(int8(w1, b1, QLinear), int8(w2, b2, QLinear), router, topk, fc_in8, fc_out8),
         })
     print(f"d_model {d}, d_ff {f}, {e} experts, top-{topk}; {torch.get_num_threads()} threads; "
           f"median of {args.runs} calls, each on the next of {args.layers} weight sets")
@@ -71,6 +72,10 @@ def main() -> None:
     for tokens in (1, 16):
         base = torch.randn(1, d)
         x = base + 0.3 * torch.randn(tokens, d)
+        with torch.no_grad():
+            chosen = layers[0]["moe8"].router(x).topk(topk, dim=-1).indices
+        share = len(torch.unique(chosen)) / e
+        path = "dense, masked" if share >= layers[0]["moe8"].dense_above else "sparse"
         times = {}
         for _ in range(3):  # interleaved rounds: noise hits every path alike
             for name, fn in paths.items():
@@ -79,7 +84,7 @@ def main() -> None:
                     t = median_time(lambda: fn(layers[next(counter) % args.layers], x), args.runs)
                 times.setdefault(name, []).append(t)
         t = {k: statistics.median(v) for k, v in times.items()}
-        print(f"\n{tokens} token(s):")
+        print(f"\n{tokens} token(s): the tokens choose {share:.0%} of the experts between them ({path} path)")
         for name, seconds in t.items():
             print(f"  {name:28s} {seconds * 1e3:8.2f} ms")
         print(f"  attention projections: int8 {t['fp32 attention projections'] / t['int8 attention projections']:.2f}x fp32")

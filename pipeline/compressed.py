@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -65,10 +66,17 @@ class QLinear(nn.Module):
 class Int8MoEFFN(nn.Module):
     """A ReLU FFN in expert order, int8, computing per call only the neurons of the experts that
     some token chose (their int8 rows are gathered into one GEMM) and, per token, keeping only its
-    own experts' activations: the same function as training's RoutedMLP."""
+    own experts' activations: the same function as training's RoutedMLP.
 
-    def __init__(self, fc_in: QLinear, fc_out: QLinear, router: Router, topk: int):
+    When the tokens of a call choose ``dense_above`` or more of the experts between them, reading
+    all the weights costs about what reading most does, and the call runs ``dense_in`` /
+    ``dense_out`` (fbgemm's packed int8 GEMM, or the exact layers) over every neuron, with the
+    same per-token expert mask."""
+
+    def __init__(self, fc_in: QLinear, fc_out: QLinear, router: Router, topk: int,
+                 dense_in: nn.Module | None = None, dense_out: nn.Module | None = None, dense_above: float = 0.5):
         super().__init__()
+        self.dense_in, self.dense_out, self.dense_above = dense_in or fc_in, dense_out or fc_out, dense_above
         self.num_expert = router.b.weight.shape[0]
         check_topk(topk, self.num_expert)
         self.register_buffer("q_w1", fc_in.q_weight)
@@ -84,21 +92,57 @@ class Int8MoEFFN(nn.Module):
         flat = x.reshape(-1, x.shape[-1]).float()
         chosen = self.router(flat).topk(self.topk, dim=-1).indices
         used = torch.unique(chosen)  # sorted
+        keep = torch.zeros(len(flat), self.num_expert, device=x.device).scatter_(1, chosen, 1.0)
+        if len(used) >= self.dense_above * self.num_expert:
+            out = self._dense(flat, keep)
+        else:
+            out = self._sparse(flat, keep, used)
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
+    def _dense(self, flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.dense_in(flat)).view(len(flat), self.num_expert, self.size).mul_(keep[:, :, None])
+        return self.dense_out(h.flatten(1))
+
+    def _sparse(self, flat: torch.Tensor, keep: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
         def rows(t):  # the used experts' blocks of rows, copied whole
             return t.view(self.num_expert, self.size, *t.shape[1:]).index_select(0, used).flatten(0, 1)
 
         h = torch.relu_(int8_product(flat, rows(self.q_w1), rows(self.s_w1)) + rows(self.b1))
-        keep = torch.zeros(len(flat), self.num_expert, device=x.device).scatter_(1, chosen, 1.0)[:, used]
-        h = h.view(len(flat), len(used), self.size).mul_(keep[:, :, None]).flatten(1)
-        out = int8_product(h, rows(self.q_w2t).T, self.s_w2) + self.b2
-        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        h = h.view(len(flat), len(used), self.size).mul_(keep[:, used, None]).flatten(1)
+        return int8_product(h, rows(self.q_w2t).T, self.s_w2) + self.b2
 
 
 @torch.no_grad()
-def export_compressed(model, path, routers: Path | None = None, topk: int | None = None) -> dict:
+def calibrate_dense_above(ffn: Int8MoEFFN, repeats: int = 20) -> float:
+    """The share of experts from which the dense path is faster than the sparse one on this
+    machine, for one token (timed on ``ffn``'s own weights): 1.0 when sparse always wins below
+    all experts, 1 / num_expert when dense wins from the first."""
+    x = torch.randn(1, ffn.q_w1.shape[1])
+    keep = torch.zeros(1, ffn.num_expert)
+
+    def seconds(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    dense = seconds(lambda: ffn._dense(x, keep))
+    for used in range(ffn.topk, ffn.num_expert + 1, max(1, ffn.num_expert // 16)):
+        if seconds(lambda: ffn._sparse(x, keep, torch.arange(used))) >= dense:
+            return used / ffn.num_expert
+    return 1.0
+
+
+@torch.no_grad()
+def export_compressed(model, path, routers: Path | None = None, topk: int | None = None,
+                      calibrate: bool = False) -> dict:
     """Write the compressed model of ``model`` (a dense GPTJ) to ``path``; with ``routers`` (a
-    Routers artifact directory) and ``topk`` its FFNs become int8 MoE layers. Returns byte sizes."""
+    Routers artifact directory) and ``topk`` its FFNs become int8 MoE layers, and with
+    ``calibrate`` the share of experts from which a call runs the dense path is measured here and
+    recorded in config.json (else 0.5). Returns byte sizes (and the share)."""
     path = Path(path)
     model = copy.deepcopy(model).cpu().float()
     moe = None
@@ -119,27 +163,35 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
     if moe is not None:
         save_safetensors(router_tensors, path / ROUTERS)
         save_safetensors(permutations, path / EXPERTS)
+        moe["dense_above"] = 0.5
         config = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
+        if calibrate:
+            moe["dense_above"] = calibrate_dense_above(load_compressed(path).transformer.h[0].mlp)
+            (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
     files = [INT8_WEIGHTS] + ([ROUTERS, EXPERTS] if moe else [])
-    return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"]}
+    return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"],
+            "dense_above": moe and moe["dense_above"]}
 
 
 def is_compressed(path) -> bool:
     return (Path(path) / INT8_WEIGHTS).is_file()
 
 
-def load_compressed(path, exact: bool = False):
-    """The model ``export_compressed`` wrote, on CPU, ready for inference: attention and output
-    layers run fbgemm's int8 GEMM (``Int8Linear``), or with ``exact`` QAT's arithmetic
-    (``QLinear``); MoE FFNs always run QAT's arithmetic on the chosen experts."""
+def load_compressed(path, exact: bool = False, dense_above: float | None = None):
+    """The model ``export_compressed`` wrote, on CPU, ready for inference: linear layers run
+    fbgemm's int8 GEMM (``Int8Linear``, activations quantized per call), or with ``exact`` QAT's
+    arithmetic (``QLinear``, per token); MoE FFNs run the chosen experts' neurons in QAT's
+    arithmetic, or every neuron when a call's tokens choose ``dense_above`` of the experts or
+    more (default: the share recorded in config.json)."""
     path = Path(path)
     model = load_int8(path)
     moe = json.loads((path / "config.json").read_text()).get("moe")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Int8Linear) and (exact or moe and ".mlp.fc_" in name):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, QLinear(module.q_weight, module.scale, module.bias))
+    if exact:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, Int8Linear):
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, QLinear(module.q_weight, module.scale, module.bias))
     if moe:
         if not (path / ROUTERS).is_file():
             raise FileNotFoundError(f"{path / ROUTERS} is missing: {path / 'config.json'} describes a MoE model")
@@ -148,5 +200,8 @@ def load_compressed(path, exact: bool = False):
             a = routers[f"layer_{i:03d}.a"].float()
             router = Router(a.shape[1], moe["num_expert"])
             router.load_state_dict({"a.weight": a, "b.weight": routers[f"layer_{i:03d}.b"].float()})
-            block.mlp = Int8MoEFFN(block.mlp.fc_in, block.mlp.fc_out, router, moe["topk"])
+            fc_in, fc_out = (QLinear(m.q_weight, m.scale, m.bias) if isinstance(m, Int8Linear) else m
+                             for m in (block.mlp.fc_in, block.mlp.fc_out))
+            block.mlp = Int8MoEFFN(fc_in, fc_out, router, moe["topk"], block.mlp.fc_in, block.mlp.fc_out,
+                                   moe.get("dense_above", 0.5) if dense_above is None else dense_above)
     return model.eval()

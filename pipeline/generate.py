@@ -29,14 +29,17 @@ def resolve(path: Path) -> Path:
     return path / COMPRESSED_DIR if (path / COMPRESSED_DIR / "config.json").is_file() else path
 
 
-def load_model(path: Path):
+MOE_PATHS = {"auto": None, "sparse": float("inf"), "dense": 0.0}  # load_compressed's dense_above
+
+
+def load_model(path: Path, moe_path: str = "auto"):
     """A compressed (int8, maybe MoE) model or a dense one, whichever ``path`` holds, for CPU inference."""
     from pipeline.compressed import is_compressed, load_compressed
     from pipeline.models import from_pretrained
     from pipeline.models.config import CheckpointError
 
     try:
-        return load_compressed(path) if is_compressed(path) else from_pretrained(path)
+        return load_compressed(path, dense_above=MOE_PATHS[moe_path]) if is_compressed(path) else from_pretrained(path)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         raise UsageError(f"--model {path}: {e}") from None
 
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, help=f"a tokenizers JSON file (default: the model directory's {TOKENIZER})")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--moe-path", choices=tuple(MOE_PATHS), default="auto",
+                   help="MoE FFNs: the chosen experts only (sparse), every neuron masked (dense), or by the share "
+                        "of experts a call uses, from the crossover measured at export (auto)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens is {args.max_new_tokens}, expected a positive integer")
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    model = load_model(path)
+    model = load_model(path, args.moe_path)
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
         raise UsageError("--prompt encodes to no tokens; give some text")

@@ -120,11 +120,11 @@ class FinalCompressed(TrainingStage):
                            perplexity_ratio=round(ppl / teacher, 4))
             if self.int8:
                 out = build.path / COMPRESSED_DIR
-                sizes = export_compressed(model, out, build.path if self.moe else None, topk)
+                sizes = export_compressed(model, out, build.path if self.moe else None, topk, calibrate=True)
                 shutil.copyfile(build.path / "tokenizer.json", out / "tokenizer.json")
                 deployed = perplexity(load_compressed(out), valid, self.seq_len, max_tokens=self.eval_tokens,
                                       desc="compressed")["perplexity"]
-                metrics.update(compressed_bytes=sizes["bytes"], compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
+                metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"], compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
                                compressed_valid_perplexity=round(deployed, 4),
                                compressed_perplexity_ratio=round(deployed / teacher, 4))
         zeros = [float((p == 0).float().mean()) for n, p in model.named_parameters() if n.endswith("proj.weight")

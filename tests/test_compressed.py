@@ -57,7 +57,7 @@ def test_compressed_model_computes_what_qat_trained(relu_model_and_checkpoint, t
     config = json.loads((out / "config.json").read_text())
     assert config["activation_function"] == "relu"
     if moe:
-        assert config["moe"] == {"num_expert": 8, "topk": 3}
+        assert config["moe"] == {"num_expert": 8, "topk": 3, "dense_above": 0.5}
         labels = load_file(str(ckpt / "clusters.safetensors"))["layer_000.labels"].long()
         perm = load_file(str(out / EXPERTS))["layer_000.permutation"].long()
         assert torch.equal(perm, torch.argsort(labels, stable=True))
@@ -102,3 +102,19 @@ def test_generate_runs_the_compressed_model(relu_model_and_checkpoint, tmp_path)
     bad = subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", str(tmp_path / "nowhere"),
                           "--prompt", "abc"], capture_output=True, text=True)
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
+
+
+def test_int8_moe_sparse_and_dense_paths_agree(relu_model_and_checkpoint, tmp_path):
+    """A call whose tokens choose most experts runs every neuron with the same per-token mask."""
+    model, ckpt = relu_model_and_checkpoint
+    sizes = export_compressed(model, tmp_path / "c", ckpt, 3, calibrate=True)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["moe"]["dense_above"] == sizes["dense_above"] and 3 / 8 <= sizes["dense_above"] <= 1
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        sparse = load_compressed(tmp_path / "c", exact=True, dense_above=2.0)(ids)
+        dense = load_compressed(tmp_path / "c", exact=True, dense_above=0.0)(ids)
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+        fast = load_compressed(tmp_path / "c", dense_above=0.0)  # fbgemm over every neuron
+        assert isinstance(fast.transformer.h[0].mlp.dense_in, Int8Linear)
+        assert (fast(ids) - dense).abs().max() < 2 * (dense - model(ids)).abs().max()

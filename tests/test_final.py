@@ -59,10 +59,15 @@ def test_hf_export_loads_in_transformers_with_the_projects_logits(chain):
 
 def test_generate_runs_from_the_final_artifact(chain):
     path, _ = final(chain)
-    run = chain.run("-m", "pipeline.generate", "--model", str(path), "--prompt", "def main(", "--max-new-tokens", "8")
-    text, summary = run.stdout.strip().rsplit("\n", 1)
-    assert text.startswith("def main(")
-    assert summary.startswith("--- 8 new tokens in") and "(int8 MoE model from" in summary
+    texts = []
+    for moe_path in ("sparse", "dense", "auto"):
+        run = chain.run("-m", "pipeline.generate", "--model", str(path), "--prompt", "def main(", "--max-new-tokens",
+                        "8", "--moe-path", moe_path)
+        text, summary = run.stdout.strip().rsplit("\n", 1)
+        assert text.startswith("def main(")
+        assert summary.startswith("--- 8 new tokens in") and "(int8 MoE model from" in summary
+        texts.append(text)
+    assert len(texts[0]) > len("def main(")
 
 
 def test_report_compares_every_variant(chain):
