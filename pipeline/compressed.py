@@ -10,9 +10,13 @@
   layer's permutation: position ``j`` holds original neuron ``permutation[j]``), and a ``moe``
   entry in config.json with the number of experts and the top-k.
 
-``load_compressed(path)`` gives a GPTJ whose linear layers run the int8 GEMM with the arithmetic
-QAT trained with (tokens quantized per row, weights per output row, exact integer accumulation),
-and whose FFNs, with MoE, compute only the chosen experts' neurons in int8.
+``load_compressed(path)`` gives a GPTJ for CPU inference whose linear layers run fbgemm's int8
+GEMM (activations quantized per call, 7-bit) and whose FFNs, with MoE, compute only the chosen
+experts' neurons in int8 (or every neuron, masked, when a call's tokens choose most experts).
+``load_compressed(path, exact=True)`` runs every GEMM in the arithmetic QAT trained with (tokens
+quantized one by one, weights per output row, exact integer accumulation): it computes what
+training computed apart from what the file rounds outside the GEMMs (the embedding, stored int8
+per row; norms and biases, stored fp16).
 """
 from __future__ import annotations
 
@@ -65,8 +69,8 @@ class QLinear(nn.Module):
 
 class Int8MoEFFN(nn.Module):
     """A ReLU FFN in expert order, int8, computing per call only the neurons of the experts that
-    some token chose (their int8 rows are gathered into one GEMM) and, per token, keeping only its
-    own experts' activations: the same function as training's RoutedMLP.
+    some token chose (their int8 rows are gathered into one GEMM, in QAT's arithmetic) and, per
+    token, keeping only its own experts' activations: training's RoutedMLP.
 
     When the tokens of a call choose ``dense_above`` or more of the experts between them, reading
     all the weights costs about what reading most does, and the call runs ``dense_in`` /

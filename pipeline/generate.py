@@ -33,14 +33,27 @@ MOE_PATHS = {"auto": None, "sparse": float("inf"), "dense": 0.0}  # load_compres
 
 
 def load_model(path: Path, moe_path: str = "auto"):
-    """A compressed (int8, maybe MoE) model or a dense one, whichever ``path`` holds, for CPU inference."""
+    """A compressed (int8, maybe MoE) model or a dense one, whichever ``path`` holds, for CPU
+    inference; a dense model with routers beside it (a FinalCompressed artifact trained with MoE,
+    without int8) runs as the MoE it was trained as, on the sparse path."""
+    from safetensors import safe_open
+
     from pipeline.compressed import is_compressed, load_compressed
     from pipeline.models import from_pretrained
     from pipeline.models.config import CheckpointError
+    from pipeline.moefication import BMMoE
+    from pipeline.moefication.router import ROUTERS
 
     try:
-        return load_compressed(path, dense_above=MOE_PATHS[moe_path]) if is_compressed(path) else from_pretrained(path)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        if is_compressed(path):
+            return load_compressed(path, dense_above=MOE_PATHS[moe_path])
+        model = from_pretrained(path)
+        if (path / ROUTERS).is_file():
+            with safe_open(str(path / ROUTERS), "pt") as f:
+                meta = f.metadata() or {}
+            BMMoE.moefy(model, int(meta["num_expert"]), int(meta["topk"]), path, sparse=moe_path != "dense")
+        return model
+    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
         raise UsageError(f"--model {path}: {e}") from None
 
 
@@ -75,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens is {args.max_new_tokens}, expected a positive integer")
     path = resolve(args.model)
+    if args.tokenizer is not None and not args.tokenizer.is_file():
+        raise UsageError(f"--tokenizer {args.tokenizer} does not exist")
     tokenizer_file = args.tokenizer or next((d / TOKENIZER for d in (path, args.model) if (d / TOKENIZER).is_file()), None)
-    if tokenizer_file is None or not tokenizer_file.is_file():
+    if tokenizer_file is None:
         raise UsageError(f"no tokenizer: {path / TOKENIZER} does not exist (pass --tokenizer FILE)")
     from tokenizers import Tokenizer
 
     from pipeline.compressed import Int8MoEFFN, is_compressed
+    from pipeline.moefication.moe import MoEFFN
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.seed)
     seconds = time.perf_counter() - start
     print(tokenizer.decode(ids))
-    kind = "dense fp32"
-    if is_compressed(path):
-        kind = "int8 MoE" if isinstance(model.transformer.h[0].mlp, Int8MoEFFN) else "int8"
+    moe = isinstance(model.transformer.h[0].mlp, (Int8MoEFFN, MoEFFN))
+    kind = ("int8" if is_compressed(path) else "dense fp32") + (" MoE" if moe else "")
     print(f"--- {args.max_new_tokens} new tokens in {seconds:.2f} s: {args.max_new_tokens / seconds:.1f} tokens/s "
           f"({kind} model from {path})")
     return 0

@@ -48,9 +48,20 @@ def stage_status(spec: StageSpec, store: Store) -> dict:
     published = store.versions(spec.stage)
     if not published:
         return {**entry, "state": "missing", "reasons": ["never built"]}
-    latest = published[-1]
+    # a stage with several instances in the graph (FinalCompressed variants): compare like with like
+    same_params = [a for a in published if a.manifest.get("params") == spec.params]
+    latest = (same_params or published)[-1]
     return {**entry, "state": "stale", "reasons": describe_changes(spec, latest.manifest),
             "compared_with": latest.version}
+
+
+def instance_label(spec: StageSpec, specs: list[StageSpec]) -> str:
+    """For a stage that appears more than once in the graph, the parameters that tell it apart."""
+    siblings = [s.params for s in specs if s.stage == spec.stage]
+    if len(siblings) < 2:
+        return ""
+    differing = sorted(k for k in spec.params if len({repr(p.get(k)) for p in siblings}) > 1)
+    return "(" + ", ".join(f"{k}={spec.params[k]}" for k in differing) + ")"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(entries, indent=2))
         return 0
     print(f"artifacts: {store.root}")
-    for e in entries:
-        print(f"{e['stage']:<16} {e['state']:<11} {e['version']}")
+    for e, spec in zip(entries, specs):
+        print(f"{e['stage']:<16} {e['state']:<11} {e['version']}  {instance_label(spec, specs)}".rstrip())
         for reason in e["reasons"]:
             print(f"{'':<16} - {reason}")
     return 0

@@ -31,6 +31,7 @@ def test_the_combination_trains_with_every_method(chain):
     assert len(m["loss_curve"]) == 3 and m["tokens_seen"] == 12 * 8 * 64
     # the deployed int8 model computes (nearly) what was trained, and it is small
     assert abs(m["compressed_valid_perplexity"] / m["valid_perplexity"] - 1) < 0.02
+    assert abs(m["compressed_exact_valid_perplexity"] / m["valid_perplexity"] - 1) < 0.005
     assert m["compressed_size_ratio"] < 0.35 and m["compressed_bytes"] < 0.35 * m["teacher_bytes"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "clusters.safetensors", "routers.safetensors",
                  "compressed/config.json", "compressed/model.int8.safetensors", "compressed/routers.safetensors",
@@ -108,3 +109,7 @@ def test_changing_final_settings_reruns_only_final_and_report(chain, tmp_path):
     rows = {r["name"]: r for r in manifest["metrics"]["rows"]}
     assert "final: 2:4 + MoE + KD" in rows  # the MoE runs sparse in fp32 when int8 is off
     assert rows["final: 2:4 + MoE + KD"]["size_ratio"] > 1.0
+    dense_moe = chain.artifacts / "FinalCompressed" / new["FinalCompressed"][0]
+    assert not (dense_moe / "compressed").exists()
+    run = chain.run("-m", "pipeline.generate", "--model", str(dense_moe), "--prompt", "x = ", "--max-new-tokens", "3")
+    assert "(dense fp32 MoE model from" in run.stdout  # generate runs it as the MoE it was trained as

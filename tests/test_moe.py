@@ -110,3 +110,17 @@ def test_routed_refuses_bad_topk_and_leaves_the_model(relu_model_and_checkpoint)
     with pytest.raises(ValueError, match="topk 9 is out of range: expected 1 to num_expert \\(8\\)"):
         route_experts(model, ckpt, 9)
     assert torch.equal(logits(model, ids), before)
+
+
+def test_unequal_experts_are_refused(relu_model_and_checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    model, ckpt = relu_model_and_checkpoint
+    clusters = load_file(str(ckpt / "clusters.safetensors"))
+    labels = clusters["layer_001.labels"].clone()
+    labels[labels == 7] = 6  # expert 6 twice as large, expert 7 empty
+    save_file({**clusters, "layer_001.labels": labels}, str(ckpt / "clusters.safetensors"))
+    with pytest.raises(ValueError, match="layer 1's experts are not 8 groups of 32 neurons each"):
+        route_experts(model, ckpt, 2)
+    with pytest.raises(ValueError, match="layer 1's experts are not 8 groups"):
+        BMMoE.moefy(model, 8, 2, ckpt)

@@ -42,6 +42,9 @@ def load_experts(model, path, num_expert: int | None = None) -> list[tuple[torch
         if len(labels) != d_ff or a.shape != (experts, d_model) or int(labels.max()) >= experts:
             raise ValueError(f"{path}: layer {i}'s clusters or router do not fit this model with "
                              f"{experts} experts (they come from another model or setting)")
+        if int(labels.min()) < 0 or not bool((torch.bincount(labels, minlength=experts) == d_ff // experts).all()):
+            raise ValueError(f"{path}: layer {i}'s experts are not {experts} groups of {d_ff // experts} neurons "
+                             f"each (the MoE needs equal experts)")
         router = Router(d_model, experts)
         router.load_state_dict({"a.weight": a, "b.weight": routers[f"{key}.b"]})
         layers.append((labels, router.requires_grad_(False)))
@@ -70,8 +73,12 @@ class RoutedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.fc_in(x))
-        with torch.no_grad():
-            chosen = self.routers[0](x.detach()).topk(self.topk, dim=-1).indices
+        router = self.routers[0]
+        if router.a.weight.device != x.device:  # the model moved after routing
+            router.to(x.device)
+        # routed in fp32 whatever the autocast or FSDP compute dtype, as inference routes
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            chosen = router(x.detach().float()).topk(self.topk, dim=-1).indices
             keep = torch.zeros(*x.shape[:-1], self.num_expert, dtype=h.dtype, device=h.device)
             keep.scatter_(-1, chosen, 1.0)
         return self.fc_out(h * keep[..., self.expert_of])
