@@ -10,7 +10,12 @@ The arithmetic follows ../shared/reference/int8-gemm-spec.md (read from cpm_kern
   subnormal); a zero scale (an all-zero row) gives q = 0; NaN entries quantize to 0;
 * exact integer accumulation, then ``C = fp16((fp32(acc) * fp32(sA[m])) * fp32(sB[n]))``;
 * backward: a straight-through estimator that quantizes the gradient per row (for A) or per
-  column (for B) after multiplying it by the other operand's scales, see ``_Int8BMM.backward``.
+  column (for B) after multiplying it by the other operand's scales, see ``_Int8BMM.backward``
+  (``grad="int8"``, cpm_kernels'); or, with ``grad="float"``, the straight-through estimator in
+  the operands' precision: the gradients of the dequantized product, ``G @ B_q^T`` and
+  ``A_q^T @ G``. The int8 gradient keeps, per output neuron, one scale over every token of the
+  batch, so most tokens' contributions round to zero: fine-tuning a trained gpt-j-tiny with it
+  raised its perplexity from 49.8 to 58.4 in 60 steps, where the float estimator lowered it.
 
 A row of A_op (column of B_op) holding +-inf has an infinite scale; its finite entries quantize to
 0 and its outputs come out NaN or inf, as in fp16 arithmetic.
@@ -178,7 +183,7 @@ class _Int8BMM(torch.autograd.Function):
     weight stored (out, in) is scaled, quantized and multiplied without being copied."""
 
     @staticmethod
-    def forward(ctx, A, B, aT: bool, bT: bool, backend: str):
+    def forward(ctx, A, B, aT: bool, bT: bool, backend: str, grad: str = "int8"):
         s_a, q_a = scale_and_quantize(A, dim=1 if aT else 2)  # per row of A_op, reduced over K
         s_b, q_b = scale_and_quantize(B, dim=2 if bT else 1)  # per column of B_op; stored layouts
         s_a, q_a = (_t(s_a), _t(q_a)) if aT else (s_a, q_a)  # -> op layouts: s_a (bA, M, 1)
@@ -186,14 +191,16 @@ class _Int8BMM(torch.autograd.Function):
         half = torch.promote_types(A.dtype, B.dtype) == torch.float16
         out = rescale(int_matmul(q_a, q_b, backend), s_a, s_b, fp16=half)
         ctx.save_for_backward(s_a, q_a, s_b, q_b)
-        ctx.meta = (aT, bT, backend, A.shape[0], B.shape[0], A.dtype, B.dtype)
+        ctx.meta = (aT, bT, backend, A.shape[0], B.shape[0], A.dtype, B.dtype, grad)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         s_a, q_a, s_b, q_b = ctx.saved_tensors
-        aT, bT, backend, batch_a, batch_b, dtype_a, dtype_b = ctx.meta
+        aT, bT, backend, batch_a, batch_b, dtype_a, dtype_b, mode = ctx.meta
         g = grad.float()  # fp16 for fp16 operands, as the spec's G; wider operands keep their precision
+        if mode == "float":
+            return _float_backward(ctx, g) + (None, None, None, None)
         half = grad.dtype == torch.float16
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -210,4 +217,18 @@ class _Int8BMM(torch.autograd.Function):
             else:
                 g_b = _scaled(int_matmul(_t(q_a), q_g, backend), s, half)
             grad_b = _reduce_to(g_b, batch_b).to(dtype_b)
-        return grad_a, grad_b, None, None, None
+        return grad_a, grad_b, None, None, None, None
+
+
+def _float_backward(ctx, g: torch.Tensor) -> tuple:
+    """Gradients of ``A_q @ B_q`` (the dequantized operands) in fp32, in the stored layouts."""
+    s_a, q_a, s_b, q_b = ctx.saved_tensors
+    aT, bT, _, batch_a, batch_b, dtype_a, dtype_b, _ = ctx.meta
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        g_a = g @ _t(q_b.float() * s_b.float())  # (b, M, K)
+        grad_a = _reduce_to(_t(g_a) if aT else g_a, batch_a).to(dtype_a)
+    if ctx.needs_input_grad[1]:
+        g_b = _t(q_a.float() * s_a.float()) @ g  # (b, K, N)
+        grad_b = _reduce_to(_t(g_b) if bT else g_b, batch_b).to(dtype_b)
+    return grad_a, grad_b

@@ -28,9 +28,14 @@ FORMAT = "bmcook-pipeline-int8/1"
 
 class BMQuant:
     @staticmethod
-    def quantize(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
+    def quantize(model: nn.Module, patterns: list[str] | None = None, grad: str = "float") -> list[str]:
         """Switch linear layers to the int8 path; returns the names switched. ``patterns`` are
-        fnmatch patterns over qualified module names (default: every layer with an ``int8`` flag)."""
+        fnmatch patterns over qualified module names (default: every layer with an ``int8`` flag).
+        ``grad``: the backward, "float" (straight-through in fp32) or "int8" (cpm_kernels')."""
+        from kernels.gemm import GRADS
+
+        if grad not in GRADS:
+            raise ValueError(f"BMQuant.quantize: grad {grad!r} is not one of {', '.join(GRADS)}")
         chosen = []
         for name, module in model.named_modules():
             if patterns is None:
@@ -44,7 +49,7 @@ class BMQuant:
         if not chosen:
             raise ValueError(f"BMQuant.quantize: no linear layer matches {patterns or 'any name'}")
         for _, module in chosen:
-            module.int8 = True
+            module.int8, module.int8_grad = True, grad
         return [name for name, _ in chosen]
 
 

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-mse-emb", type=float, default=0.0)
     p.add_argument("--act-l1", type=float, default=0.0,
                    help="L1 penalty on the FFN activations (mean over layers), which raises ReLU sparsity")
+    p.add_argument("--int8-grad", choices=("float", "int8"), default="float",
+                   help="-int8 models' backward: straight-through in float, or cpm_kernels' int8 gradients")
     # 2:4 pruning (BMPrune)
     p.add_argument("--use-pruning", action="store_true", help="train with 2:4 masks held on the FFN and attention weights")
     p.add_argument("--prune-func", default="m4n2_2d_greedy", help="m4n2_1d, m4n2_2d_greedy or m4n2_2d_best")
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"--moe: {e}") from None
     if int8:
-        BMQuant.quantize(model)
+        BMQuant.quantize(model, grad=args.int8_grad)
     extra_params: list = []
     if args.use_kd:
         teacher = build_model(teacher_cfg, teacher_state, "--load-teacher", args.load_teacher).to(device, dtype)

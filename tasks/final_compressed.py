@@ -31,7 +31,7 @@ def toggle(description: str):
 
 class FinalCompressed(TrainingStage):
     TRAINING = TrainingStage.TRAINING + ("kd_ce_logits", "kd_temp", "kd_mse_last_hidden", "kd_mse_hidden",
-                                         "kd_loss_scale", "act_l1")
+                                         "kd_loss_scale", "act_l1", "int8_grad")
     int8 = toggle("int8 quantization-aware training (BMQuant)")
     pruning = toggle("hold the PruningMasks 2:4 masks (BMPrune)")
     moe = toggle("fine-tune the ReLU model with MoE routing active (BMMoE); false: the base model, dense")
@@ -47,6 +47,8 @@ class FinalCompressed(TrainingStage):
     kd_mse_hidden = luigi.FloatParameter(default=0.0)
     kd_loss_scale = luigi.FloatParameter(default=1.0)
     act_l1 = luigi.FloatParameter(default=0.0)
+    int8_grad = luigi.ChoiceParameter(default="float", choices=("float", "int8"),
+                                      description="QAT backward: straight-through in float, or cpm_kernels' int8")
 
     def upstream(self):
         ups = {"Corpus": Corpus(), "BaseModel": BaseModel()}

@@ -255,3 +255,29 @@ def test_cuda_paths_equal_the_exact_cpu_path():
                 got = run_ours(A.cuda(), aT, B.cuda(), bT, G.cuda(), backend)
                 for g, e in zip(got, exact):
                     assert torch.equal(g.cpu(), e), backend
+
+
+@pytest.mark.parametrize("aT, bT, batches", [(False, True, (1, 3)), (True, False, (2, 2)), (False, False, (3, 1))])
+def test_float_grad_is_the_straight_through_gradient_of_the_dequantized_product(aT, bT, batches):
+    from kernels.int8 import absmax_scale, quantize
+
+    torch.manual_seed(0)
+    m, k, n = 6, 20, 5
+    A = torch.randn(batches[0], *((k, m) if aT else (m, k)), requires_grad=True)
+    B = torch.randn(batches[1], *((n, k) if bT else (k, n)), requires_grad=True)
+    G = torch.randn(max(batches), m, n)
+    out = bmm(A, aT, B, bT, int8=True, grad="float")
+    (out * G).sum().backward()
+
+    def dequantized(x, dim):  # what the forward multiplied, as a leaf
+        s = absmax_scale(x.detach(), dim)
+        return (quantize(x.detach(), s).float() * s.float()).requires_grad_()
+
+    Aq, Bq = dequantized(A, 1 if aT else 2), dequantized(B, 2 if bT else 1)
+    ref = torch.matmul(Aq.transpose(1, 2) if aT else Aq, Bq.transpose(1, 2) if bT else Bq)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    (ref * G).sum().backward()
+    torch.testing.assert_close(A.grad, Aq.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(B.grad, Bq.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="grad 'fp8' is not one of int8, float"):
+        bmm(A, aT, B, bT, int8=True, grad="fp8")

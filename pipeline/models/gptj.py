@@ -17,11 +17,13 @@ from .config import GPTJConfig
 
 
 class Linear(nn.Linear):
-    # BMQuant.quantize flips this per instance: the layer then runs the int8 GEMM (quantization-aware).
+    # BMQuant.quantize flips these per instance: the layer then runs the int8 GEMM (quantization-aware)
+    # with the int8 or the float straight-through backward (kernels.int8).
     int8 = False
+    int8_grad = "int8"
 
     def forward(self, x):
-        return kernels.linear(x, self.weight, self.bias, int8=self.int8)
+        return kernels.linear(x, self.weight, self.bias, int8=self.int8, grad=self.int8_grad)
 
 
 def rotary_table(n_positions, rotary_dim, base=10000.0):
