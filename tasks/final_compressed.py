@@ -124,11 +124,15 @@ class FinalCompressed(TrainingStage):
                 out = build.path / COMPRESSED_DIR
                 sizes = export_compressed(model, out, build.path if self.moe else None, topk, calibrate=True)
                 shutil.copyfile(build.path / "tokenizer.json", out / "tokenizer.json")
-                deployed = perplexity(load_compressed(out), valid, self.seq_len, max_tokens=self.eval_tokens,
-                                      desc="compressed")["perplexity"]
-                metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"], compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
+                # as deployed (fbgemm, the measured dense/sparse crossover), and in QAT's arithmetic
+                deployed, exact = (perplexity(load_compressed(out, exact=e), valid, self.seq_len,
+                                              max_tokens=self.eval_tokens, desc="compressed")["perplexity"]
+                                   for e in (False, True))
+                metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"],
+                               compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
                                compressed_valid_perplexity=round(deployed, 4),
-                               compressed_perplexity_ratio=round(deployed / teacher, 4))
+                               compressed_perplexity_ratio=round(deployed / teacher, 4),
+                               compressed_exact_valid_perplexity=round(exact, 4))
         zeros = [float((p == 0).float().mean()) for n, p in model.named_parameters() if n.endswith("proj.weight")
                  or ".mlp.fc_" in n and n.endswith("weight")]
         metrics["pruned_weight_zeros"] = round(sum(zeros) / len(zeros), 4)
