@@ -69,9 +69,14 @@ class Report(Stage):
         def final_row(name, artifact):
             toggles = artifact.metrics["toggles"]
             if toggles["int8"]:
+                moe = ""
+                if toggles["moe"]:
+                    share = artifact.metrics["moe_dense_above"]
+                    moe = (f"; MoE FFNs on the sparse path below {share:.0%} of the experts per call and masked dense "
+                           f"from there (the crossover measured at export{', so always dense here' if share * num_expert <= topk else ''})")
                 return (name, lambda: load_compressed(artifact.path / COMPRESSED_DIR), artifact.metrics["compressed_bytes"],
                         f"FinalCompressed {artifact.version}: {artifact.metrics['variant']}, int8 model as deployed "
-                        f"(`compressed/`, int8 GEMMs{', sparse MoE FFNs' if toggles['moe'] else ''})")
+                        f"(`compressed/`, fbgemm int8 GEMMs{moe})")
             if toggles["moe"]:
                 return (name, lambda: moe_model(artifact.path, artifact.path), dense_bytes(artifact, True),
                         f"FinalCompressed {artifact.version}: {artifact.metrics['variant']}, sparse MoE path")
