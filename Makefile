@@ -59,6 +59,7 @@ bench-moe: setup
 	$(PY) bench/moe_speed.py --threads 1
 	$(PY) bench/kmeans_reference.py
 	$(PY) bench/hdf5_overhead.py
+	$(PY) bench/compressed_speed.py
 
 clean-venv:
 	rm -rf $(VENV)
