@@ -10,6 +10,7 @@ routers, expert permutations) that ``python -m pipeline.generate`` runs.
 """
 from __future__ import annotations
 
+import copy
 import shutil
 
 import luigi
@@ -106,7 +107,7 @@ class FinalCompressed(TrainingStage):
         base = inputs["BaseModel"]
         valid = load_tokens(inputs["Corpus"].file("valid.npy"))
         model = from_pretrained(build.path)
-        trained = from_pretrained(build.path)  # as it ran in training: int8 GEMMs, routed FFNs
+        trained = copy.deepcopy(model)  # as it ran in training: int8 GEMMs, routed FFNs
         if self.moe:
             route_experts(trained, build.path, topk)
         if self.int8:

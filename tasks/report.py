@@ -85,9 +85,10 @@ class Report(Stage):
                     f"2:4 zeros stored (no sparse format)")
 
         ptq_dir = build.path / "int8_ptq"
-        ptq = export_compressed(from_pretrained(base.path), ptq_dir)
+        teacher_model = from_pretrained(base.path)
+        ptq = export_compressed(teacher_model, ptq_dir)
         rows = [
-            ("teacher", lambda: from_pretrained(base.path), dense_bytes(base), f"BaseModel {base.version}, fp32"),
+            ("teacher", lambda: teacher_model, dense_bytes(base), f"BaseModel {base.version}, fp32"),
             ("ReLU", lambda: from_pretrained(relu.path), dense_bytes(relu), f"ReluModel {relu.version}, fp32"),
             (f"MoE {round(100 * topk / num_expert)}% experts", lambda: moe_model(relu.path, routers.path),
              dense_bytes(relu) + sum(routers.file(f).stat().st_size for f in (CLUSTERS, ROUTERS)),
