@@ -6,6 +6,12 @@ fingerprint of the project source files it runs. Its output lives in
 is built under ``<root>/<Stage>/.scratch-<version>/`` and renamed into place, so nothing that
 looks complete is ever half-written. A build may keep resumable state in ``<scratch>/resume/``;
 a failed build keeps its scratch directory only when that state exists.
+
+Every payload file is hashed once, at publish, while it is still in the page cache. Opening an
+artifact checks each file's size and stat stamp (size, mtime, ctime, inode) against a cache of
+files already verified in full, and rehashes only the files whose stamp changed: any write to a
+file, or any attempt to set its times back, moves its ctime, so an altered or truncated file is
+always rehashed and caught, and an untouched one costs one ``stat``.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import json
 import os
 import platform
 import shutil
+import signal
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +37,8 @@ PROJECT_PACKAGES = ("pipeline", "tasks", "kernels")
 ROOT_ENV = "PIPELINE_ARTIFACTS"
 MANIFEST = "manifest.json"
 RESUME_DIR = "resume"
+BROKEN_PREFIX = ".broken-"
+CRASH_ENV = "PIPELINE_CRASH_AT"  # fault injection for the crash tests: a publish step's name
 LIBRARIES = ("torch", "numpy", "luigi", "h5py", "scikit-learn", "safetensors", "tokenizers")
 
 
@@ -166,6 +176,11 @@ class CorruptArtifact(RuntimeError):
     pass
 
 
+class AlreadyPublished(Exception):
+    """The version was published (by another run, or recovered from a finished scratch directory)
+    while this run waited for it."""
+
+
 @dataclasses.dataclass
 class Artifact:
     """A published stage output: its directory and manifest."""
@@ -186,15 +201,36 @@ class Artifact:
                                     f"(it holds: {', '.join(sorted(self.manifest.get('files', {})))})")
         return self.path / name
 
-    def verify(self) -> None:
-        """Check every payload file against the size and sha256 recorded at publish time."""
+    def verify(self, verified: dict | None = None) -> None:
+        """Check every payload file against the size and sha256 recorded at publish time. Files
+        whose stat stamp is in ``verified`` with the recorded hash are not read again; the
+        stamps of the files hashed here are added to it."""
         for name, info in self.manifest.get("files", {}).items():
             p = self.path / name
-            if not p.is_file():
-                raise CorruptArtifact(f"{p} is missing; remove {self.path} and rerun to rebuild it")
-            if p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
-                raise CorruptArtifact(f"{p} does not match its recorded checksum; "
-                                      f"remove {self.path} and rerun to rebuild it")
+            try:
+                stamp = _stamp(p)
+            except FileNotFoundError:
+                raise CorruptArtifact(f"{p} is missing; {self._fix()}") from None
+            if stamp[0] != info["bytes"]:
+                raise CorruptArtifact(f"{p} is {stamp[0]} bytes, its manifest recorded {info['bytes']} "
+                                      f"(truncated or altered); {self._fix()}")
+            key = str(p)
+            if verified is not None and verified.get(key) == [stamp, info["sha256"]]:
+                continue
+            if sha256_file(p) != info["sha256"]:
+                raise CorruptArtifact(f"{p} does not match its recorded checksum (altered after it was "
+                                      f"published); {self._fix()}")
+            if verified is not None:
+                verified[key] = [stamp, info["sha256"]]
+
+    def _fix(self) -> str:
+        return (f"the artifact {self.path} is broken: rerun the same command and the pipeline moves it aside "
+                f"and rebuilds it")
+
+
+def _stamp(p: Path) -> list[int]:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 class Build:
@@ -254,24 +290,58 @@ class Store:
                             out.append(a)
         return sorted(out, key=lambda a: a.manifest.get("created", ""))
 
+    @property
+    def _verified_path(self) -> Path:
+        return self.root / ".cache" / "verified.json"
+
+    def verify(self, artifact: Artifact, full: bool = False) -> None:
+        """Verify ``artifact`` (see :meth:`Artifact.verify`), reading only files not verified
+        since they last changed unless ``full``; raises CorruptArtifact."""
+        try:
+            cache = json.loads(self._verified_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            cache = {}
+        before = dict(cache)
+        if full:
+            for name in artifact.manifest.get("files", {}):
+                cache.pop(str(artifact.path / name), None)
+        try:
+            artifact.verify(cache)
+        finally:
+            if cache != before:
+                self._verified_path.parent.mkdir(parents=True, exist_ok=True)
+                _write_json_durably(self._verified_path, cache, unique_tmp=True)
+
+    def quarantine(self, stage: str, version: str) -> Path:
+        """Move a broken published version aside (``.broken-<version>-<time>``), so that it is
+        rebuilt and its files stay for inspection until ``make gc``."""
+        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+        target = self.stage_dir(stage) / f"{BROKEN_PREFIX}{version}-{stamp}"
+        with contextlib.suppress(FileNotFoundError):  # another run moved it first
+            os.rename(self.version_dir(stage, version), target)
+        return target
+
     def stages(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if self.root.is_dir() else []
 
     @contextlib.contextmanager
-    def publishing(self, spec: StageSpec):
+    def publishing(self, spec: StageSpec, wait: bool = True):
         """Build ``spec`` in its scratch directory and publish it on success.
 
-        Yields a :class:`Build`. Only one process may build a given version at a time.
+        Yields a :class:`Build`. Only one process builds a given version at a time: another one
+        waits for it (or, with ``wait=False``, raises StoreBusy) and then raises AlreadyPublished.
         """
         stage_dir = self.stage_dir(spec.stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         scratch = stage_dir / f".scratch-{spec.version}"
-        with _exclusive(stage_dir / f".lock-{spec.version}", spec):
+        with _exclusive(stage_dir / f".lock-{spec.version}", spec, wait):
             if self.get(spec.stage, spec.version) is not None:
-                raise StoreBusy(f"{spec.stage} {spec.version} was published by another run meanwhile")
+                raise AlreadyPublished(f"{spec.stage} {spec.version} was published by another run meanwhile")
+            if self._recover(spec, scratch):
+                raise AlreadyPublished(f"{spec.stage} {spec.version} was finished by a run that stopped "
+                                       f"before publishing it; published it without rebuilding")
             scratch.mkdir(exist_ok=True)
-            (scratch / MANIFEST).unlink(missing_ok=True)
             build = Build(scratch)
             start = time.time()
             try:
@@ -284,11 +354,31 @@ class Store:
             build.timings["total"] = round(time.time() - start, 3)
             self._finish(spec, build)
 
+    def _recover(self, spec: StageSpec, scratch: Path) -> bool:
+        """Publish a scratch directory whose build finished (its manifest written and every file
+        matching it) but whose run died before the rename; otherwise drop its stale manifest."""
+        try:
+            manifest = json.loads((scratch / MANIFEST).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            (scratch / MANIFEST).unlink(missing_ok=True)
+            return False
+        try:
+            if manifest.get("version") != spec.version:
+                raise CorruptArtifact("manifest of another version")
+            Artifact(scratch, manifest).verify()
+        except CorruptArtifact:
+            (scratch / MANIFEST).unlink()
+            return False
+        os.rename(scratch, self.version_dir(spec.stage, spec.version))
+        _fsync_dir(scratch.parent)
+        return True
+
     def _finish(self, spec: StageSpec, build: Build) -> None:
         files = {}
         for p in sorted(build.path.rglob("*")):
             if p.is_file():
                 files[str(p.relative_to(build.path))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                _fsync_file(p)  # the manifest must never outlive its payload on a power cut
         manifest = {
             "stage": spec.stage,
             "version": spec.version,
@@ -302,10 +392,17 @@ class Store:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
             **build.extra,
         }
+        _crash_point("before-manifest")
         _write_json_durably(build.path / MANIFEST, manifest)
         _fsync_dir(build.path)
-        os.rename(build.path, self.version_dir(spec.stage, spec.version))
+        _crash_point("before-rename")
+        final = self.version_dir(spec.stage, spec.version)
+        os.rename(build.path, final)
+        _crash_point("after-rename")
         _fsync_dir(build.path.parent)
+        # the files were just hashed: record them as verified, so that opening them costs a stat
+        with contextlib.suppress(OSError, CorruptArtifact):
+            self.verify(Artifact(final, manifest))
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -320,14 +417,29 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) ->
     os.replace(tmp, path)
 
 
-def _write_json_durably(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
+def _crash_point(name: str) -> None:
+    """Fault injection for the crash tests: SIGKILL this process group at the named step."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _write_json_durably(path: Path, obj, unique_tmp: bool = False) -> None:
+    # unique_tmp: for files several processes may rewrite at once (caches)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp") if unique_tmp else path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -339,18 +451,31 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path, spec: StageSpec):
-    with open(lock_path, "a") as f:
+def _exclusive(lock_path: Path, spec: StageSpec, wait: bool):
+    """Hold the version's lock; the file names the holder's pid for whoever waits on it. The
+    kernel drops the lock when the holder dies, however it dies."""
+    with open(lock_path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise StoreBusy(f"another run is building {spec.stage} version {spec.version} "
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            if not wait:
+                raise StoreBusy(f"another run (pid {holder}) is building {spec.stage} version {spec.version} "
                                 f"(lock {lock_path} is held); wait for it to finish or stop it") from e
-            raise
+            print(f"{spec.stage} {spec.version}: another run (pid {holder}) is building it; waiting for it "
+                  f"to finish", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
         try:
             yield
         finally:
+            f.truncate(0)
+            f.flush()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

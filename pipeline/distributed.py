@@ -6,11 +6,15 @@ import os
 import torch
 import torch.distributed as dist
 
+from pipeline.processes import exit_when_orphaned
+
 
 def setup(cpu_only: bool = False) -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's environment; joins the process group when the
     world has several ranks (nccl on GPU, gloo on CPU). On CPU each local rank takes its share
-    of the cores."""
+    of the cores. The rank exits when torchrun dies."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_when_orphaned()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

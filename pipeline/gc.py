@@ -1,5 +1,6 @@
 """``python -m pipeline.gc [--dry-run] [luigi overrides]``: remove artifact versions (and
-abandoned scratch directories) that the current graph no longer reaches."""
+abandoned scratch directories) that the current graph no longer reaches, and the broken versions
+that runs moved aside."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline.artifacts import Store
+from pipeline.artifacts import BROKEN_PREFIX, Store
 from pipeline.status import parse_graph_command
 
 
@@ -15,6 +16,9 @@ def unreachable(store: Store, keep: set[tuple[str, str]]) -> list[Path]:
     out = []
     for stage in store.stages():
         for child in sorted(store.stage_dir(stage).iterdir()):
+            if child.name.startswith(BROKEN_PREFIX):
+                out.append(child)
+                continue
             version = child.name.removeprefix(".scratch-").removeprefix(".lock-")
             if child.name.startswith(".") and version == child.name:
                 continue  # not ours

@@ -38,13 +38,16 @@ def parse_graph_command(parser: argparse.ArgumentParser, argv) -> tuple[argparse
         raise SystemExit(2) from None
 
 
-def stage_status(spec: StageSpec, store: Store) -> dict:
+def stage_status(spec: StageSpec, store: Store, full: bool = False) -> dict:
+    """up-to-date, broken (published, but a file no longer matches its manifest), stale or missing.
+    Files unchanged since they were last verified are not reread unless ``full``."""
     entry = {"stage": spec.stage, "version": spec.version, "state": "up-to-date", "reasons": []}
     try:
-        if store.get(spec.stage, spec.version) is not None:
+        if (artifact := store.get(spec.stage, spec.version)) is not None:
+            store.verify(artifact, full=full)
             return entry
     except CorruptArtifact as e:
-        return {**entry, "state": "stale", "reasons": [str(e)]}
+        return {**entry, "state": "broken", "reasons": [str(e)]}
     published = store.versions(spec.stage)
     if not published:
         return {**entry, "state": "missing", "reasons": ["never built"]}
@@ -67,9 +70,10 @@ def instance_label(spec: StageSpec, specs: list[StageSpec]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.status", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON object per stage")
+    p.add_argument("--verify", action="store_true", help="rehash every file, even those unchanged since last verified")
     args, specs = parse_graph_command(p, argv)
     store = Store()
-    entries = [stage_status(s, store) for s in specs]
+    entries = [stage_status(s, store, args.verify) for s in specs]
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{e['stage']:<16} {e['state']:<11} {e['version']}  {instance_label(spec, specs)}".rstrip())
         for reason in e["reasons"]:
             print(f"{'':<16} - {reason}")
-    return 0
+    return 1 if any(e["state"] == "broken" for e in entries) else 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ class BaseModel(TrainingStage):
             return params
         return {**params, **self.training_params()}
 
+    def needs(self, inputs):
+        from pipeline import resources
+
+        student = 4.0 * pipeline_settings().architecture().num_params()
+        if pipeline_settings().checkpoint_dir():
+            return resources.Needs(student, 2 * student, "the imported checkpoint in fp32")
+        return self.training_needs(student)
+
     def build(self, build, inputs) -> None:
         from pipeline import data
         from pipeline.evaluate import perplexity

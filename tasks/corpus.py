@@ -42,6 +42,17 @@ class Corpus(Stage):
             params["vocab_size"] = get_preset(pipeline_settings().model).vocab_size
         return params
 
+    def needs(self, inputs):
+        from pipeline.resources import Needs
+
+        root, files = data.discover(self.files)
+        chars = sum(p.stat().st_size for p in files)
+        if self.max_bytes:
+            chars = min(chars, 2 * self.max_bytes)
+        # at most a token per character, in the token dtype, plus the raw file streamed before the .npy
+        width = 4 if "tokenizer_sha256" in self.spec().params else data.token_dtype(self.spec().params["vocab_size"]).itemsize
+        return Needs(2 * chars * width, 4 * chars, f"{chars / 1e6:.1f} MB of text, a token per character at most")
+
     def build(self, build, inputs) -> None:
         root, files = data.discover(self.files)
         train, valid = data.split(root, files, self.valid_fraction)

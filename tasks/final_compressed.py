@@ -69,6 +69,12 @@ class FinalCompressed(TrainingStage):
                                        (self.distill, "KD")) if on]
         return " + ".join(parts) or "fine-tuning"
 
+    def needs(self, inputs):
+        from pipeline.resources import model_bytes
+
+        base = model_bytes(inputs["BaseModel"])
+        return self.training_needs(base, teacher=base if self.distill else 0.0, export_int8=self.int8)
+
     def build(self, build, inputs) -> None:
         from pipeline.moefication.clustering import CLUSTERS
         from pipeline.moefication.router import ROUTERS

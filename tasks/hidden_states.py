@@ -14,6 +14,8 @@ class HiddenStates(Stage):
     heldout_fraction = luigi.FloatParameter(default=0.1, description="share of the budget taken from the valid split")
     seq_len = luigi.IntParameter(default=128)
     batch_size = luigi.IntParameter(default=8)
+    part_tokens = luigi.IntParameter(default=16384, description="tokens per shard file: a crash recomputes at most one "
+                                                                "shard per rank")
 
     def upstream(self):
         return {"Corpus": Corpus(), "ReluModel": ReluModel()}
@@ -22,11 +24,28 @@ class HiddenStates(Stage):
         if self.token_budget < self.seq_len:
             raise ValueError(f"HiddenStates token_budget is {self.token_budget}, expected at least one window "
                              f"of seq_len {self.seq_len}")
+        if self.part_tokens < self.seq_len:
+            raise ValueError(f"HiddenStates part_tokens is {self.part_tokens}, expected at least one window "
+                             f"of seq_len {self.seq_len}")
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError(f"HiddenStates heldout_fraction is {self.heldout_fraction}, expected 0 <= x < 1")
         settings = pipeline_settings()
         return {"token_budget": self.token_budget, "heldout_fraction": self.heldout_fraction,
-                "seq_len": self.seq_len, "world_size": settings.nproc_per_node * settings.nnodes}
+                "seq_len": self.seq_len, "part_tokens": self.part_tokens,
+                "world_size": settings.nproc_per_node * settings.nnodes}
+
+    def needs(self, inputs):
+        from pipeline.resources import Needs, model_bytes
+
+        config = pipeline_settings().architecture()
+        shards = pipeline_settings().nproc_per_node * pipeline_settings().nnodes
+        shards += self.token_budget // self.part_tokens
+        # fp16 values and a heldout flag per token, and HDF5's own records (about 16 KiB a shard)
+        disk = self.token_budget * (config.n_layer * config.n_embd * 2 + 1) + shards * 16384 * (1 + config.n_layer)
+        memory = pipeline_settings().nproc_per_node * (model_bytes(inputs["ReluModel"]) + 64 * self.batch_size
+                                                       * self.seq_len * config.n_embd * 4 * 2)
+        return Needs(disk, memory, f"{self.token_budget} tokens x {config.n_layer} layers x {config.n_embd} fp16 "
+                                   f"values; the model and a batch per rank")
 
     def build(self, build, inputs) -> None:
         import h5py
@@ -42,7 +61,7 @@ class HiddenStates(Stage):
         args = ["--model", str(inputs["ReluModel"].path), "--data", str(inputs["Corpus"].path),
                 "--out", str(build.path), "--token-budget", str(self.token_budget),
                 "--heldout-fraction", str(self.heldout_fraction), "--seq-len", str(self.seq_len),
-                "--batch-size", str(self.batch_size)]
+                "--batch-size", str(self.batch_size), "--part-tokens", str(self.part_tokens)]
         cmd = train.torchrun_command(args, settings.nproc_per_node, settings.nnodes, settings.rdzv_endpoint,
                                      module="pipeline.moefication.hidden")
         with build.timed("dump"):

@@ -32,6 +32,12 @@ class ReluModel(TrainingStage):
     def effective_params(self) -> dict:
         return {**self.training_params(), "eval_tokens": self.eval_tokens}
 
+    def needs(self, inputs):
+        from pipeline.resources import model_bytes
+
+        base = model_bytes(inputs["BaseModel"])
+        return self.training_needs(base, teacher=base)
+
     def build(self, build, inputs) -> None:
         from pipeline import data
         from pipeline.evaluate import perplexity

@@ -41,6 +41,13 @@ class Report(Stage):
                              f"eval_tokens at least seq_len ({self.seq_len}) and at least one round")
         return {"eval_tokens": self.eval_tokens, "seq_len": self.seq_len, "rounds": self.rounds}
 
+    def needs(self, inputs):
+        from pipeline.resources import Needs, model_bytes
+
+        model = model_bytes(inputs["BaseModel"])
+        return Needs(model / 2, (len(inputs) + 2) * model,
+                     f"an int8 copy of the teacher; its {len(inputs) + 2} models held at once for the speed runs")
+
     def build(self, build, inputs) -> None:
         import torch
 

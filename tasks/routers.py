@@ -31,6 +31,14 @@ class Routers(Stage):
         return {"topk_fraction": self.topk_fraction, "epochs": self.epochs, "batch_size": self.batch_size,
                 "lr": self.lr, "seed": self.seed}
 
+    def needs(self, inputs):
+        from pipeline.resources import Needs, model_bytes
+
+        hidden = inputs["HiddenStates"].metrics
+        layer = hidden["tokens"] * hidden["d_model"] * 4
+        model = model_bytes(inputs["ReluModel"])
+        return Needs(model / 8, 2 * model + 2 * layer, "the model, and one layer's hidden states in fp32 twice")
+
     def build(self, build, inputs) -> None:
         from safetensors.torch import load_file
 

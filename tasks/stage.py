@@ -14,7 +14,8 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.artifacts import Artifact, Build, StageSpec, Store, code_files
+from pipeline import processes, resources
+from pipeline.artifacts import AlreadyPublished, Artifact, Build, CorruptArtifact, StageSpec, Store, code_files
 
 logger = logging.getLogger("luigi-interface")
 
@@ -88,35 +89,79 @@ class Stage(luigi.Task):
         return self.upstream()
 
     def complete(self):
+        """Published and intact. A broken version (a payload file that no longer matches its
+        checksum) is moved aside, so that this run rebuilds it."""
         try:
-            return super().complete()
+            store = Store()
+            artifact = store.get(self.stage_name, self.version)
         except (ValueError, OSError) as e:  # bad parameters or inputs, found while computing the version
             _report(self, e)
             raise
+        except CorruptArtifact as e:
+            artifact, problem = None, e
+        else:
+            if artifact is None:
+                return False
+            try:
+                store.verify(artifact)
+                return True
+            except CorruptArtifact as e:
+                problem = e
+        moved = store.quarantine(self.stage_name, self.version)
+        print(f"warning: {self.stage_name}: {problem}; moved it to {moved}, rebuilding", file=sys.stderr, flush=True)
+        return False
 
     def output(self):
         return luigi.LocalTarget(str(Store().manifest_path(self.stage_name, self.version)))
 
-    def run(self):
-        store = Store()
+    def needs(self, inputs: dict[str, Artifact]) -> resources.Needs:
+        """What building this stage writes to disk and holds in memory, estimated before it starts.
+        By default: a stage that reads its inputs' models, holds two copies of each (the weights
+        and what is computed from them) and writes at most half their size (masks, clusters)."""
+        models = sum(resources.model_bytes(a) for a in inputs.values() if "model.safetensors" in a.manifest["files"])
+        return resources.Needs(models / 2, 2 * models, "its input models in fp32, twice")
+
+    def open_inputs(self, store: Store) -> dict[str, Artifact]:
+        """The upstream artifacts, each verified against its manifest; a broken one is moved aside
+        and this stage stops with the file's name (the next run rebuilds it)."""
         inputs = {}
         for name, task in self.upstream().items():
             artifact = store.get(task.stage_name, task.version)
             if artifact is None:
                 raise RuntimeError(f"upstream {task.stage_name} {task.version} is not published")
-            inputs[name] = artifact
-        with store.publishing(self.spec()) as build:
-            handler = logging.FileHandler(build.path / "stage.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            logger.addHandler(handler)
             try:
-                logger.info("%s %s: building in %s", self.stage_name, self.version, build.path)
-                self.build(build, inputs)
-            finally:
-                logger.removeHandler(handler)
-                handler.close()
+                store.verify(artifact)
+            except CorruptArtifact as e:
+                store.quarantine(task.stage_name, task.version)
+                raise CorruptArtifact(f"input {task.stage_name}: {e}") from None
+            inputs[name] = artifact
+        return inputs
+
+    def run(self):
+        store = Store()
+        inputs = self.open_inputs(store)
+        needs = self.needs(inputs)
+        resources.check(self.stage_name, needs, store.root)
+        try:
+            with store.publishing(self.spec()) as build:
+                build.metrics.update(needs.as_metrics())
+                self._build_logged(build, inputs)
+        except AlreadyPublished as e:
+            logger.info("%s", e)
+            return
         logger.info("%s %s: published with metrics %s", self.stage_name, self.version,
                     {k: v for k, v in build.metrics.items() if not isinstance(v, (list, dict))})
+
+    def _build_logged(self, build: Build, inputs: dict[str, Artifact]) -> None:
+        handler = logging.FileHandler(build.path / "stage.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        try:
+            logger.info("%s %s: building in %s", self.stage_name, self.version, build.path)
+            self.build(build, inputs)
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def _report(task, exception) -> None:
@@ -155,7 +200,8 @@ def run_logged(cmd: list[str], log_path: Path) -> None:
     tail: deque[str] = deque(maxlen=20)
     logger.info("running: %s", " ".join(cmd))
     with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, bufsize=1) as proc:
+                                                      text=True, bufsize=1,
+                                                      preexec_fn=processes.die_with_parent) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)

@@ -36,6 +36,11 @@ class TrainingStage(Stage):
         settings = pipeline_settings()
         return {**params, "world_size": settings.nproc_per_node * settings.nnodes}
 
+    def training_needs(self, student: float, teacher: float = 0.0, export_int8: bool = False):
+        from pipeline import resources
+
+        return resources.training_needs(student, pipeline_settings().nproc_per_node, teacher, export_int8)
+
     def train(self, build, *args: str) -> None:
         """Run pipeline.train with ``args`` and this stage's training parameters; record its metrics."""
         flags = [*args, "--log-interval", str(self.log_interval), "--save-interval", str(self.save_interval)]

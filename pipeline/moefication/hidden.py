@@ -3,11 +3,13 @@ written to HDF5 as it is computed.
 
     torchrun --nproc_per_node=N -m pipeline.moefication.hidden --model DIR --data CORPUS --out DIR
 
-Each rank writes its own shard (``shard-<rank>.h5``: one fp16 dataset per layer, chunked by
-rows, plus a ``heldout`` flag per token) while its windows stream through the model, so memory
-stays bounded by one batch whatever the budget; rank 0 then joins the shards into
-``hidden_states.h5`` through HDF5 virtual datasets (no copy). A shard marked complete is not
-computed again when the dump is restarted. The last ``heldout_fraction`` of the tokens come from
+Each rank writes its windows as a series of shards (``shard-<rank>-<part>.h5`` of about
+``--part-tokens`` tokens each: one fp16 dataset per layer, chunked by rows, plus a ``heldout``
+flag per token) while they stream through the model, so memory stays bounded by one batch
+whatever the budget; rank 0 then joins the shards into ``hidden_states.h5`` through HDF5
+virtual datasets (no copy). A shard is written under a temporary name and renamed when
+complete; a restarted dump skips the complete shards, so a crash costs at most one shard per
+rank. Shard boundaries fall on batch boundaries, so the values do not depend on them. The last ``heldout_fraction`` of the tokens come from
 the corpus' valid split and are flagged for evaluation.
 """
 from __future__ import annotations
@@ -82,6 +84,21 @@ def write_shard(model, shard: Path, wins: np.ndarray, flags: np.ndarray, batch_s
     os.replace(tmp, shard)
 
 
+def shard_name(rank: int, part: int) -> str:
+    return f"shard-{rank}-{part:04d}.h5"
+
+
+def rank_parts(n_windows: int, world: int, batch_size: int, part_windows: int) -> list[tuple[int, int, np.ndarray]]:
+    """(rank, part, window indices) in the order the joined file holds them: each rank's
+    contiguous share of the windows, cut into parts of whole batches."""
+    per_part = max(batch_size, part_windows // batch_size * batch_size)
+    out = []
+    for rank, mine in enumerate(np.array_split(np.arange(n_windows), world)):
+        for part, start in enumerate(range(0, max(len(mine), 1), per_part)):
+            out.append((rank, part, mine[start:start + per_part]))
+    return out
+
+
 def shard_complete(shard: Path) -> bool:
     try:
         with h5py.File(shard, "r") as f:
@@ -123,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--part-tokens", type=int, default=16384, help="tokens per shard: what a crash can cost at most")
     args = p.parse_args(argv)
     try:
         wins, flags = plan_windows(args.data, args.seq_len, args.token_budget, args.heldout_fraction)
@@ -131,16 +149,24 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, _ = distributed.setup(cpu_only=True)
     model = from_pretrained(args.model).eval()
     args.out.mkdir(parents=True, exist_ok=True)
-    shards = [args.out / f"shard-{r}.h5" for r in range(world)]
-    mine = np.array_split(np.arange(len(wins)), world)[rank]
-    if shard_complete(shards[rank]):
-        print(f"rank {rank}: {shards[rank].name} is complete, not recomputed", flush=True)
-    else:
-        write_shard(model, shards[rank], wins[mine], flags[mine], args.batch_size, f"hidden states (rank {rank})")
+    parts = rank_parts(len(wins), world, args.batch_size, max(1, args.part_tokens // args.seq_len))
+    skipped = 0
+    for r, part, index in parts:
+        if r != rank:
+            continue
+        shard = args.out / shard_name(r, part)
+        if shard_complete(shard):
+            skipped += 1
+            continue
+        write_shard(model, shard, wins[index], flags[index], args.batch_size,
+                    f"hidden states (rank {rank}, shard {part + 1}/{sum(p[0] == rank for p in parts)})")
+    if skipped:
+        print(f"rank {rank}: {skipped} complete shard(s) kept from an earlier run, not recomputed", flush=True)
     if world > 1:
         dist.barrier()
     if rank == 0:
-        join_shards(args.out / HIDDEN, shards, model.config.n_layer, model.config.n_embd)
+        join_shards(args.out / HIDDEN, [args.out / shard_name(r, part) for r, part, _ in parts],
+                    model.config.n_layer, model.config.n_embd)
     if world > 1:
         dist.destroy_process_group()
     return 0

@@ -1,0 +1,95 @@
+"""Disk and memory preflight: what a stage will write and hold, checked before it starts.
+
+Each stage estimates an upper bound from its parameters and the model's shape (see the
+``needs`` method of each stage); the check compares it with the free space of the artifact
+store's filesystem and with the memory available, and refuses with the numbers. On a shared
+machine, ``PIPELINE_DISK_LIMIT_GB`` and ``PIPELINE_MEMORY_LIMIT_GB`` cap what the pipeline
+counts as free.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+GB = 1024**3
+DISK_LIMIT_ENV = "PIPELINE_DISK_LIMIT_GB"
+MEMORY_LIMIT_ENV = "PIPELINE_MEMORY_LIMIT_GB"
+
+
+class NotEnoughResources(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Needs:
+    disk: float = 0.0  # bytes the stage writes into the store (scratch and resume state included)
+    memory: float = 0.0  # bytes of host memory it holds at its peak
+    what: str = ""  # how the figures were made, for the refusal message
+
+    def as_metrics(self) -> dict:
+        return {"estimated_disk_bytes": int(self.disk), "estimated_memory_bytes": int(self.memory)}
+
+
+def _limit(env: str) -> float | None:
+    raw = os.environ.get(env)
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise NotEnoughResources(f"{env} is {raw!r}, expected a number of GiB") from None
+    if value < 0:
+        raise NotEnoughResources(f"{env} is {raw!r}, expected a number of GiB, not negative")
+    return value * GB
+
+
+def free_disk(path: Path) -> float:
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    free = float(shutil.disk_usage(path).free)
+    limit = _limit(DISK_LIMIT_ENV)
+    return free if limit is None else min(free, limit)
+
+
+def available_memory() -> float:
+    """Host memory available to new allocations (MemAvailable), capped by PIPELINE_MEMORY_LIMIT_GB."""
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    free = float(int(info["MemAvailable"].split()[0]) * 1024)
+    limit = _limit(MEMORY_LIMIT_ENV)
+    return free if limit is None else min(free, limit)
+
+
+def check(stage: str, needs: Needs, store_root: Path) -> None:
+    """Raise NotEnoughResources, with the figures, when ``needs`` does not fit."""
+    disk, memory = free_disk(store_root), available_memory()
+    how = f" ({needs.what})" if needs.what else ""
+    if needs.disk > disk:
+        raise NotEnoughResources(
+            f"{stage} needs about {needs.disk / GB:.2f} GiB of disk in {store_root}{how}, and "
+            f"{disk / GB:.2f} GiB is free; free some space (make gc removes versions the graph no longer "
+            f"uses) or point PIPELINE_ARTIFACTS at a larger disk")
+    if needs.memory > memory:
+        raise NotEnoughResources(
+            f"{stage} needs about {needs.memory / GB:.2f} GiB of memory{how}, and {memory / GB:.2f} GiB is "
+            f"available; stop other jobs or run it on a larger machine")
+
+
+def model_bytes(artifact) -> float:
+    """The size of an artifact's fp32 ``model.safetensors``, from its manifest."""
+    return float(artifact.manifest["files"]["model.safetensors"]["bytes"])
+
+
+def training_needs(student: float, local_ranks: int, teacher: float = 0.0, export_int8: bool = False) -> Needs:
+    """A training stage, from the fp32 bytes of its student and teacher: on disk the model it
+    publishes, the resume checkpoint (weights and AdamW's two moments) and the int8 export; in
+    memory, every local rank loading both models' weights before sharding (the per-rank plan
+    of ``pipeline.memory`` then runs inside the training, before any weight is loaded)."""
+    disk = student + 3 * student + (student / 4 if export_int8 else 0.0)
+    memory = local_ranks * (student + teacher)
+    return Needs(disk, memory, f"a {student / GB:.2f} GiB fp32 model, its resume state"
+                               f"{', its int8 export' if export_int8 else ''}"
+                               f"{', a teacher' if teacher else ''}; {local_ranks} local rank(s)")
