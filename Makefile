@@ -10,7 +10,7 @@ OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
              $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
 
 # `make moefy`: Corpus -> BaseModel -> ReluModel -> HiddenStates -> ExpertClusters -> Routers -> Moefied
-.PHONY: setup base relu moefy compress report status gc gc-dry-run test bench bench-moe clean-venv
+.PHONY: setup base relu moefy compress report status verify gc gc-dry-run test bench bench-moe clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ report: setup
 
 status: setup
 	$(PY) -m pipeline.status $(OVERRIDES)
+
+# status, rehashing every file of the current graph (not only those changed since last verified)
+verify: setup
+	$(PY) -m pipeline.status --verify $(OVERRIDES)
 
 gc: setup
 	$(PY) -m pipeline.gc $(OVERRIDES)

@@ -210,22 +210,22 @@ class Artifact:
             try:
                 stamp = _stamp(p)
             except FileNotFoundError:
-                raise CorruptArtifact(f"{p} is missing; {self._fix()}") from None
+                raise CorruptArtifact(f"{p} is missing; {broken(self.path)}") from None
             if stamp[0] != info["bytes"]:
                 raise CorruptArtifact(f"{p} is {stamp[0]} bytes, its manifest recorded {info['bytes']} "
-                                      f"(truncated or altered); {self._fix()}")
+                                      f"(truncated or altered); {broken(self.path)}")
             key = str(p)
             if verified is not None and verified.get(key) == [stamp, info["sha256"]]:
                 continue
             if sha256_file(p) != info["sha256"]:
                 raise CorruptArtifact(f"{p} does not match its recorded checksum (altered after it was "
-                                      f"published); {self._fix()}")
+                                      f"published); {broken(self.path)}")
             if verified is not None:
                 verified[key] = [stamp, info["sha256"]]
 
-    def _fix(self) -> str:
-        return (f"the artifact {self.path} is broken: rerun the same command and the pipeline moves it aside "
-                f"and rebuilds it")
+def broken(path: Path) -> str:
+    return (f"the artifact {path} is broken: rerun the pipeline (the same luigi or make command) and it moves "
+            f"the broken version aside and rebuilds it")
 
 
 def _stamp(p: Path) -> list[int]:
@@ -245,6 +245,10 @@ class Build:
     @property
     def resume_dir(self) -> Path:
         return self.path / RESUME_DIR
+
+    @property
+    def resumable(self) -> bool:
+        return self.resume_dir.is_dir() and any(self.resume_dir.iterdir())
 
     @contextlib.contextmanager
     def timed(self, name: str):
@@ -275,7 +279,7 @@ class Store:
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptArtifact(f"{path / MANIFEST} is not valid JSON ({e}); remove {path} and rerun") from e
+            raise CorruptArtifact(f"{path / MANIFEST} is not valid JSON ({e}); {broken(path)}") from e
         return Artifact(path, manifest)
 
     def versions(self, stage: str) -> list[Artifact]:
@@ -341,16 +345,17 @@ class Store:
             if self._recover(spec, scratch):
                 raise AlreadyPublished(f"{spec.stage} {spec.version} was finished by a run that stopped "
                                        f"before publishing it; published it without rebuilding")
-            scratch.mkdir(exist_ok=True)
             build = Build(scratch)
+            if scratch.exists() and not build.resumable:  # what a killed run left half-written
+                shutil.rmtree(scratch)
+            scratch.mkdir(exist_ok=True)
             start = time.time()
             try:
                 yield build
             except BaseException:
-                if not (build.resume_dir.is_dir() and any(build.resume_dir.iterdir())):
+                if not build.resumable:
                     shutil.rmtree(scratch, ignore_errors=True)
                 raise
-            shutil.rmtree(build.resume_dir, ignore_errors=True)
             build.timings["total"] = round(time.time() - start, 3)
             self._finish(spec, build)
 
@@ -369,6 +374,7 @@ class Store:
         except CorruptArtifact:
             (scratch / MANIFEST).unlink()
             return False
+        shutil.rmtree(scratch / RESUME_DIR, ignore_errors=True)
         os.rename(scratch, self.version_dir(spec.stage, spec.version))
         _fsync_dir(scratch.parent)
         return True
@@ -376,7 +382,7 @@ class Store:
     def _finish(self, spec: StageSpec, build: Build) -> None:
         files = {}
         for p in sorted(build.path.rglob("*")):
-            if p.is_file():
+            if p.is_file() and p.relative_to(build.path).parts[0] != RESUME_DIR:
                 files[str(p.relative_to(build.path))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                 _fsync_file(p)  # the manifest must never outlive its payload on a power cut
         manifest = {
@@ -395,6 +401,8 @@ class Store:
         _crash_point("before-manifest")
         _write_json_durably(build.path / MANIFEST, manifest)
         _fsync_dir(build.path)
+        # the resume state goes only now: a crash before the manifest is written resumes from it
+        shutil.rmtree(build.resume_dir, ignore_errors=True)
         _crash_point("before-rename")
         final = self.version_dir(spec.stage, spec.version)
         os.rename(build.path, final)
@@ -414,7 +422,21 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata=metadata)
+    _canonical_header(tmp)
     os.replace(tmp, path)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place and at the same length: the
+    library writes metadata in hash-map order, which differs between processes, and a rebuilt
+    artifact must be identical byte for byte."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) <= size:
+            f.seek(8)
+            f.write(canonical.ljust(size, b" "))
 
 
 def _crash_point(name: str) -> None:

@@ -26,7 +26,21 @@ def resolve(path: Path) -> Path:
     """The directory to load for ``--model``: a FinalCompressed artifact's compressed model when it has one."""
     if not path.is_dir():
         raise UsageError(f"--model {path} is not a directory (expected a model or FinalCompressed artifact directory)")
+    check_artifact(path)
     return path / COMPRESSED_DIR if (path / COMPRESSED_DIR / "config.json").is_file() else path
+
+
+def check_artifact(path: Path) -> None:
+    """When ``path`` is a published artifact, every file must still match its manifest."""
+    import json
+
+    from pipeline.artifacts import MANIFEST, Artifact, CorruptArtifact
+
+    if (path / MANIFEST).is_file():
+        try:
+            Artifact(path, json.loads((path / MANIFEST).read_text())).verify()
+        except (CorruptArtifact, json.JSONDecodeError) as e:
+            raise UsageError(f"--model {path}: {e}") from None
 
 
 MOE_PATHS = {"auto": None, "sparse": float("inf"), "dense": 0.0}  # load_compressed's dense_above

@@ -63,18 +63,25 @@ def available_memory() -> float:
     return free if limit is None else min(free, limit)
 
 
+def human(nbytes: float) -> str:
+    for unit, size in (("GiB", GB), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
 def check(stage: str, needs: Needs, store_root: Path) -> None:
     """Raise NotEnoughResources, with the figures, when ``needs`` does not fit."""
     disk, memory = free_disk(store_root), available_memory()
     how = f" ({needs.what})" if needs.what else ""
     if needs.disk > disk:
         raise NotEnoughResources(
-            f"{stage} needs about {needs.disk / GB:.2f} GiB of disk in {store_root}{how}, and "
-            f"{disk / GB:.2f} GiB is free; free some space (make gc removes versions the graph no longer "
+            f"{stage} needs about {human(needs.disk)} of disk in {store_root}{how}, and "
+            f"{human(disk)} is free; free some space (make gc removes versions the graph no longer "
             f"uses) or point PIPELINE_ARTIFACTS at a larger disk")
     if needs.memory > memory:
         raise NotEnoughResources(
-            f"{stage} needs about {needs.memory / GB:.2f} GiB of memory{how}, and {memory / GB:.2f} GiB is "
+            f"{stage} needs about {human(needs.memory)} of memory{how}, and {human(memory)} is "
             f"available; stop other jobs or run it on a larger machine")
 
 

@@ -96,7 +96,7 @@ class Stage(luigi.Task):
             artifact = store.get(self.stage_name, self.version)
         except (ValueError, OSError) as e:  # bad parameters or inputs, found while computing the version
             _report(self, e)
-            raise
+            raise SystemExit(2) from None  # before anything runs: the sentence is all the user needs
         except CorruptArtifact as e:
             artifact, problem = None, e
         else:
@@ -172,6 +172,24 @@ def _report(task, exception) -> None:
 Stage.event_handler(luigi.Event.FAILURE)(_report)
 
 
+class CommandFailed(RuntimeError):
+    """A stage's subprocess (torchrun) failed; the message holds the tail of its output."""
+
+
+# failures the user can act on from their message alone; others (bugs) keep their traceback
+EXPECTED_FAILURES = (ValueError, OSError, CommandFailed, CorruptArtifact, resources.NotEnoughResources)
+
+
+class _NoTracebackForExpectedFailures(logging.Filter):
+    def filter(self, record):
+        if record.exc_info and isinstance(record.exc_info[1], EXPECTED_FAILURES):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logger.addFilter(_NoTracebackForExpectedFailures())
+
+
 _KINDS = {luigi.IntParameter: "an integer", luigi.FloatParameter: "a number", luigi.BoolParameter: "true or false"}
 
 
@@ -189,6 +207,8 @@ def check_config(classes) -> None:
                 param.parse(raw)
             except (ValueError, TypeError):
                 kind = next((k for t, k in _KINDS.items() if isinstance(param, t)), "a valid value")
+                if isinstance(param, luigi.ChoiceParameter):
+                    kind = "one of " + ", ".join(sorted(str(c) for c in param._choices))
                 files = ", ".join(str(p) for p in conf._config_paths if Path(p).is_file())
                 raise SystemExit(f"error: the Luigi configuration ({files}) sets [{section}] {name} = {raw!r}; "
                                  f"expected {kind}") from None
@@ -208,7 +228,7 @@ def run_logged(cmd: list[str], log_path: Path) -> None:
             tail.append(line)
         code = proc.wait()
     if code != 0:
-        raise RuntimeError(f"command failed with exit code {code}: {' '.join(cmd)}\n" + "".join(tail))
+        raise CommandFailed(f"command failed with exit code {code}: {' '.join(cmd)}\n" + "".join(tail))
 
 
 def graph(targets: list[Stage]) -> list[Stage]:

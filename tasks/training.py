@@ -6,7 +6,7 @@ import re
 
 import luigi
 
-from tasks.stage import Stage, pipeline_settings, run_logged
+from tasks.stage import CommandFailed, Stage, pipeline_settings, run_logged
 
 
 class TrainingStage(Stage):
@@ -66,7 +66,7 @@ def run_training(build, train_args: list[str], log_interval: int) -> dict:
         # torchrun's summary names the first failure under "Root Cause"; other ranks then got SIGTERM
         killed = re.search(r"Signal (\d+) \((SIG\w+)\)", str(e).split("Root Cause")[-1])
         cause = f"a training rank was killed by {killed.group(2)}" if killed else "training failed"
-        raise RuntimeError(f"{cause}; {where}. {e}") from None
+        raise CommandFailed(f"{cause}; {where}. {e}") from None
     log = json.loads((build.path / train.TRAIN_LOG).read_text())
     steps = log["loss"][-1][0]
     return {

@@ -1,90 +1,248 @@
-"""Bad input gets one clear sentence and a non-zero exit, and nothing is published."""
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
+"""The bad-input catalogue: every row of the README's table is run here, and the exact message
+it shows must appear on stderr with a non-zero exit, with nothing published.
 
+In the table, ``<dir>`` stands for the directory the inputs lie in, ``<store>`` for the artifact
+store, ``<version>`` for a stage version and ``<n>`` for a number."""
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from conftest import ROOT, SMOKE_CFG
 
-def assert_refused(proc, message):
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-2000:]
-    assert message in out, out[-3000:]
-
-
-def published(project):
-    return sorted(p.relative_to(project.artifacts).as_posix()
-                  for p in project.artifacts.glob("*/*/manifest.json")) if project.artifacts.exists() else []
+README = ROOT / "README.md"
+BEGIN, END = "<!-- bad-inputs -->", "<!-- /bad-inputs -->"
 
 
-def test_unknown_model(project):
-    proc = project.luigi("BaseModel", "--pipeline-model", "gpt-k", check=False)
-    assert_refused(proc, "error: BaseModel: unknown model 'gpt-k'; known presets: gpt-j, gpt-j-smoke, gpt-j-tiny")
-    status = project.run("-m", "pipeline.status", "--pipeline-model", "gpt-k", check=False)
-    assert status.returncode == 2 and "unknown model 'gpt-k'" in status.stderr
-    assert published(project) == []
+def catalogue() -> dict[str, tuple[str, str, str]]:
+    """{id: (area, bad input, message)} from the README's table."""
+    text = README.read_text()
+    rows = {}
+    for line in text[text.index(BEGIN):text.index(END)].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            rows[cells[0]] = (cells[1], cells[2], cells[3].strip("`").replace("\\|", "|"))
+    return rows
 
 
-@pytest.mark.parametrize("make_checkpoint, message", [
-    (lambda d: d / "nope", "CHECKPOINT {d}/nope does not exist"),
-    (lambda d: (d / "file").write_text("x") and d / "file", "CHECKPOINT {d}/file is not a directory"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "{d}/empty/config.json is missing"),
-    (lambda d: (d / "llama").mkdir() or (d / "llama" / "config.json").write_text(json.dumps(
-        {"model_type": "llama"})) and d / "llama",
-     "{d}/llama/config.json: field 'model_type' is 'llama', expected 'gptj'"),
-])
-def test_bad_checkpoint(project, tmp_path, make_checkpoint, message):
-    path = make_checkpoint(tmp_path)
-    proc = project.luigi("BaseModel", "--pipeline-model", "gpt-j", "--pipeline-checkpoint", str(path), check=False)
-    assert_refused(proc, message.format(d=tmp_path))
-    assert published(project) == []
+def expected(message: str, d: Path, store: Path) -> re.Pattern:
+    pattern = re.escape(message).replace(re.escape("<dir>"), re.escape(str(d))) \
+        .replace(re.escape("<store>"), re.escape(str(store))).replace(re.escape("<n>"), r"[0-9.]+") \
+        .replace(re.escape("<version>"), "[0-9a-f]{16}")
+    return re.compile(pattern)
 
 
-def test_corpus_glob_matching_nothing(project, tmp_path):
-    proc = project.luigi("Corpus", "--Corpus-files", str(tmp_path / "*.txt"), check=False)
-    assert_refused(proc, f"Corpus files: the glob '{tmp_path}/*.txt' matches no files")
+# ---------------------------------------------------------------------------------------------
+# The inputs, by catalogue number. Each returns the finished process.
+
+def luigi(*args):
+    return lambda p, d: p.luigi(*args, check=False)
 
 
-def test_wrong_type_in_config(project, tmp_path):
-    bad = tmp_path / "bad.cfg"
-    bad.write_text("[BaseModel]\nsteps = many\n")
-    project.env["LUIGI_CONFIG_PATH"] = str(bad)
-    proc = project.luigi("BaseModel", check=False)
-    assert_refused(proc, "sets [BaseModel] steps = 'many'; expected an integer")
-    assert str(bad) in proc.stderr
-    assert project.run("-m", "pipeline.status", check=False).returncode != 0
+def config(text, stage="BaseModel"):
+    def run(p, d):
+        (d / "bad.cfg").write_text(text)
+        p.env["LUIGI_CONFIG_PATH"] = str(d / "bad.cfg")
+        return p.luigi(stage, check=False)
+    return run
 
 
-def test_nonpositive_training_parameter(project):
-    proc = project.luigi("BaseModel", "--BaseModel-steps", "0", check=False)
-    assert_refused(proc, "BaseModel steps is 0, expected a positive integer")
+def checkpoint(make):
+    def run(p, d):
+        path = make(d)
+        return p.luigi("BaseModel", "--pipeline-model", "gpt-j", "--pipeline-checkpoint", str(path), check=False)
+    return run
 
 
-def test_sigkill_mid_training_resumes_and_publishes_nothing_half_written(project):
-    """Kill the whole process tree once BaseModel has saved a resumable checkpoint; nothing of
-    BaseModel is published, and the rerun resumes from the checkpoint and completes."""
-    args = ["--BaseModel-steps", "400", "--BaseModel-save-interval", "20"]
-    proc = subprocess.Popen([sys.executable, "-m", "luigi", "--module", "tasks", "BaseModel", *args],
-                            cwd=project.root, env=project.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    checkpoint = None
-    while time.time() < deadline and checkpoint is None:
-        checkpoint = next(iter(project.artifacts.glob("BaseModel/.scratch-*/resume/checkpoint.pt")), None)
-        time.sleep(0.2)
-    assert checkpoint is not None, "no resumable checkpoint appeared"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert [p for p in published(project) if p.startswith("BaseModel/")] == []
-    assert len(published(project)) == 1, "Corpus finished before and stays published"
+def hf_checkpoint(d: Path, keep_tokenizer=True) -> Path:
+    """A real GPT-J checkpoint directory, as transformers writes it (tiny)."""
+    import transformers
 
-    out = project.luigi("BaseModel", *args)
-    log = (out.stdout + out.stderr)
-    assert "resuming from step" in log
-    [manifest] = project.artifacts.glob("BaseModel/*/manifest.json")
-    m = json.loads(manifest.read_text())
-    assert m["metrics"]["tokens_seen"] == 400 * 8 * 64
-    assert not list(project.artifacts.glob("BaseModel/.scratch-*")), "scratch is removed after publishing"
+    cfg = transformers.GPTJConfig(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    path = d / "ckpt"
+    transformers.GPTJForCausalLM(cfg).save_pretrained(path)
+    if keep_tokenizer:
+        shutil.copy(tokenizer_file(d), path / "tokenizer.json")
+    return path
+
+
+def tokenizer_file(d: Path) -> Path:
+    from pipeline import data
+
+    files = [d / f"t{i}.txt" for i in range(2)]
+    for i, f in enumerate(files):
+        f.write_text(f"def f{i}(x):\n    return x + {i}\n" * 50)
+    data.train_tokenizer(files, 300, 0).save(str(d / "tokenizer.json"))
+    return d / "tokenizer.json"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def corpus(d: Path, n_files=3) -> str:
+    for i in range(n_files):
+        write(d / "corpus" / f"f{i}.py", f"x_{i} = {i}\n" * 2000)
+    return str(d / "corpus" / "*.py")
+
+
+def module(name, *args):
+    return lambda p, d: p.run("-m", name, *[a.format(d=d) for a in args], check=False)
+
+
+def fake_corpus_artifact(d: Path) -> Path:
+    out = d / "corpus_artifact"
+    out.mkdir()
+    np.save(out / "train.npy", np.arange(300, dtype=np.uint16))
+    np.save(out / "valid.npy", np.arange(100, dtype=np.uint16))
+    return out
+
+
+def published_corpus(p, d):
+    """Build a real Corpus on a small text set; return its artifact directory."""
+    pattern = corpus(d)
+    p.luigi("Corpus", "--Corpus-files", pattern)
+    [manifest] = p.artifacts.glob("Corpus/*/manifest.json")
+    return manifest.parent, pattern
+
+
+def status_after(damage):
+    def run(p, d):
+        artifact, pattern = published_corpus(p, d)
+        damage(artifact)
+        return p.run("-m", "pipeline.status", "--Corpus-files", pattern, check=False)
+    return run
+
+
+def flip_byte(path: Path, at: int = -1):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def generate_on_damaged_artifact(p, d):
+    import torch
+
+    from pipeline.artifacts import StageSpec, Store
+    from pipeline.models import GPTJ, get_preset, save_pretrained
+
+    store = Store(d / "store")
+    spec = StageSpec("FinalCompressed", {}, {}, {})
+    with store.publishing(spec) as build:
+        torch.manual_seed(0)
+        save_pretrained(GPTJ(get_preset("gpt-j-smoke")), build.path)
+        shutil.copy(tokenizer_file(d), build.path / "tokenizer.json")
+    artifact = store.version_dir("FinalCompressed", spec.version)
+    flip_byte(artifact / "model.safetensors", 1000)
+    return p.run("-m", "pipeline.generate", "--model", str(artifact), "--prompt", "def", check=False)
+
+
+def environment(name, value, *args):
+    def run(p, d):
+        p.env[name] = value
+        return p.luigi(*args, check=False)
+    return run
+
+
+def missing_hidden_states(p, d):
+    write(d / "res" / "clusters.safetensors", "")
+    return p.run("-m", "pipeline.moefication.mlp_select", "--model_path", str(d / "relu"), "--res_path",
+                 str(d / "res"), "--num-layer", "2", "--num-expert", "8", check=False)
+
+
+CASES = {
+    # command line: luigi parameters
+    "1": luigi("BaseModel", "--pipeline-model", "gpt-k"),
+    "2": luigi("BaseModel", "--BaseModel-steps", "0"),
+    "3": luigi("HiddenStates", "--HiddenStates-heldout-fraction", "1.5"),
+    "4": luigi("Routers", "--Routers-topk-fraction", "0"),
+    "5": luigi("ExpertClusters", "--ExpertClusters-num-expert", "7"),
+    "6": luigi("Corpus", "--Corpus-valid-fraction", "1"),
+    "7": luigi("HiddenStates", "--HiddenStates-part-tokens", "16"),
+    "8": luigi("Moefied", "--Moefied-eval-tokens", "10"),
+    "9": module("pipeline.status", "--pipeline-model", "gpt-k"),
+    # command line: the tools
+    "10": module("pipeline.train", "--save-dir", "{d}/out", "--model", "gpt-k", "--data", "{d}/corpus_artifact"),
+    "11": module("pipeline.train", "--save-dir", "{d}/out", "--model", "gpt-j-smoke", "--data", "{d}/corpus_artifact",
+                 "--use-kd"),
+    "12": module("pipeline.train", "--save-dir", "{d}/out", "--model", "gpt-j-smoke", "--data", "{d}"),
+    "13": module("pipeline.generate", "--model", "{d}/nothing", "--prompt", "hi"),
+    "14": module("pipeline.generate", "--model", "{d}", "--prompt", "hi", "--max-new-tokens", "0"),
+    # luigi.cfg
+    "15": config("[BaseModel]\nsteps = many\n"),
+    "16": config("[FinalCompressed]\nint8 = maybe\n"),
+    "17": config("[ExpertClusters]\nmethod = kmeans\n"),
+    "18": config("[pipeline]\nnproc_per_node = two\n"),
+    "19": config("[Routers]\nlr = fast\n"),
+    # checkpoints
+    "20": checkpoint(lambda d: d / "nope"),
+    "21": checkpoint(lambda d: write(d / "file", "x")),
+    "22": checkpoint(lambda d: (d / "empty").mkdir() or d / "empty"),
+    "23": checkpoint(lambda d: write(d / "llama" / "config.json", json.dumps({"model_type": "llama"})).parent),
+    "24": checkpoint(lambda d: write(d / "broken" / "config.json", "{model_type: gptj").parent),
+    "25": checkpoint(lambda d: (hf_checkpoint(d) / "model.safetensors").unlink() or d / "ckpt"),
+    "26": checkpoint(lambda d: (hf_checkpoint(d, keep_tokenizer=False))),
+    # corpora
+    "27": luigi("Corpus", "--Corpus-files", "/nonexistent/*.txt"),
+    "28": lambda p, d: p.luigi("Corpus", "--Corpus-files", corpus(d, n_files=1), check=False),
+    "29": module("pipeline.moefication.hidden", "--model", "{d}", "--data", "{d}/corpus_artifact", "--out",
+                 "{d}/out", "--token-budget", "100000"),
+    # artifacts
+    "30": status_after(lambda a: flip_byte(a / "train.npy")),
+    "31": status_after(lambda a: (a / "valid.npy").write_bytes((a / "valid.npy").read_bytes()[:-10])),
+    "32": status_after(lambda a: (a / "manifest.json").write_text("{")),
+    "33": generate_on_damaged_artifact,
+    "34": missing_hidden_states,
+    # environment: disk and memory
+    "35": environment("PIPELINE_DISK_LIMIT_GB", "0.0001", "Corpus"),
+    "36": environment("PIPELINE_MEMORY_LIMIT_GB", "0", "Corpus"),
+    "37": environment("PIPELINE_DISK_LIMIT_GB", "lots", "Corpus"),
+}
+SETUP = {"10": fake_corpus_artifact, "11": fake_corpus_artifact, "29": fake_corpus_artifact}
+
+
+def test_the_catalogue_has_a_test_for_every_row_and_no_more():
+    rows = catalogue()
+    assert len(rows) >= 25
+    assert set(rows) == set(CASES)
+    areas = {area for area, _, _ in rows.values()}
+    assert {"command line", "luigi.cfg", "checkpoint", "corpus", "artifact"} <= areas
+
+
+@pytest.mark.parametrize("number", sorted(CASES, key=int))
+def test_bad_input_gets_its_catalogued_message(project, tmp_path, number):
+    area, what, message = catalogue()[number]
+    if number in SETUP:
+        SETUP[number](tmp_path)
+    proc = CASES[number](project, tmp_path)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0, f"#{number} ({what}) exited 0:\n{out[-2000:]}"
+    assert expected(message, tmp_path, project.artifacts).search(out), f"#{number} ({what}): expected\n  {message}\ngot:\n{out[-2000:]}"
+    assert "Traceback" not in out, f"#{number}: a traceback reached the user"
+    assert not list(project.artifacts.glob("*/*/manifest.json")) or area == "artifact", "nothing is published"
+
+
+if __name__ == "__main__":  # print each case's message, to write the table from
+    import os
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_project
+
+    for number in sys.argv[1:] or sorted(CASES, key=int):
+        d = Path(tempfile.mkdtemp())
+        proj = make_project(d / "project")
+        proj.env["LUIGI_CONFIG_PATH"] = str(SMOKE_CFG)
+        if number in SETUP:
+            SETUP[number](d)
+        proc = CASES[number](proj, d)
+        out = proc.stderr + proc.stdout
+        lines = [ln for ln in out.splitlines() if ln.lstrip(" -").startswith(("error", "warning", "/"))] or out.splitlines()[-2:]
+        print(number, proc.returncode, " || ".join(lines).replace(str(d), "<dir>"), flush=True)
+        os.system(f"rm -rf {d}")
