@@ -433,7 +433,7 @@ def _canonical_header(path: Path) -> None:
     with open(path, "r+b") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
-        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         if len(canonical) <= size:
             f.seek(8)
             f.write(canonical.ljust(size, b" "))

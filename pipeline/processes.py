@@ -24,10 +24,17 @@ def die_with_parent() -> None:
         pass
 
 
-def exit_when_orphaned(interval: float = 1.0) -> None:
-    """Start a daemon thread that ends this process as soon as its parent process is gone (the
-    process is then re-parented, so its parent pid changes)."""
+def exit_when_orphaned(launcher: tuple[str, ...] = ("torch.distributed.run", "torchrun"), interval: float = 1.0) -> None:
+    """End this process as soon as its parent is gone: now, when the parent is no longer the
+    ``launcher`` (it died while this process was starting, and this one was re-parented), and
+    later from a daemon thread that watches the parent pid."""
     parent = os.getppid()
+    try:
+        cmdline = open(f"/proc/{parent}/cmdline", "rb").read().decode(errors="replace")
+    except OSError:
+        cmdline = ""
+    if not any(name in cmdline for name in launcher):
+        os._exit(1)
 
     def watch():
         while True:

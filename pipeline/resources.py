@@ -40,7 +40,7 @@ def _limit(env: str) -> float | None:
         value = float(raw)
     except ValueError:
         raise NotEnoughResources(f"{env} is {raw!r}, expected a number of GiB") from None
-    if value < 0:
+    if not value >= 0:  # negative, or NaN
         raise NotEnoughResources(f"{env} is {raw!r}, expected a number of GiB, not negative")
     return value * GB
 

@@ -41,7 +41,8 @@ class ExpertClusters(Stage):
         state = load_state_dict_from_dir(inputs["ReluModel"].path)
         weights = fc_in_weights(state, TEMPLATE, pipeline_settings().architecture().n_layer)
         features = self.coactivation(inputs["HiddenStates"], state, weights) if self.method == "coactivation" else None
-        tensors, metrics = cluster_layers(weights, self.num_expert, self.method, self.seed, self.iterations, features)
+        tensors, metrics = cluster_layers(weights, self.num_expert, self.method, self.seed, self.iterations, features,
+                                          resume=build.resume_dir)
         save_clusters(tensors, metrics, build.path / CLUSTERS)
         build.metrics.update(metrics)
 

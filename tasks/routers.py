@@ -58,7 +58,7 @@ class Routers(Stage):
         tensors, metrics = train_routers(inputs["HiddenStates"].file(HIDDEN), weights,
                                          fc_in_biases(state, TEMPLATE, weights), clusters, num_expert,
                                          max(1, round(self.topk_fraction * num_expert)), self.epochs,
-                                         self.batch_size, self.lr, self.seed)
+                                         self.batch_size, self.lr, self.seed, resume=build.resume_dir)
         # with the clusters beside the routers, this directory is what BMMoE.moefy loads
         shutil.copyfile(clusters_file, build.path / CLUSTERS)
         save_routers(tensors, metrics, build.path / ROUTERS)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import TWO_RANKS
@@ -25,6 +24,9 @@ STAGES = ["Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters", 
           "PruningMasks", "FinalCompressed", "Report"]
 TRAINING = {"BaseModel", "ReluModel", "FinalCompressed"}
 PUBLISH_STEPS = ["before-manifest", "before-rename", "after-rename"]
+# for the second random kill of a stage that saves progress: wait for its first saved piece
+MILESTONES = {"BaseModel": "resume/checkpoint.pt", "ReluModel": "resume/checkpoint.pt",
+              "FinalCompressed": "resume/checkpoint.pt", "HiddenStates": "shard-*-0000.h5"}
 # files that hold wall-clock times: logs, the training log's timings, the Report's speed table
 TIMED = {"stage.log", "train.log", "dump.log", "train_log.json"}
 TIMED_BY_STAGE = {"Report": {"report.md"}}
@@ -70,14 +72,15 @@ def survivors(store: Path) -> list[int]:
     return out
 
 
-def kill_tree_when(proc: subprocess.Popen, store: Path, stage: str, delay: float, timeout: float = 120) -> bool:
-    """SIGKILL the run's process tree ``delay`` seconds after the stage's scratch directory appears;
-    False if the run ended first."""
+def kill_tree_when(proc: subprocess.Popen, store: Path, stage: str, delay: float, milestone: str | None = None,
+                   timeout: float = 120) -> bool:
+    """SIGKILL the run's process tree ``delay`` seconds after the stage's scratch directory appears
+    (or after ``milestone`` appears in it); False if the run ended first."""
     deadline = time.time() + timeout
-    while not list((store / stage).glob(".scratch-*")):
+    while not list((store / stage).glob(f".scratch-*/{milestone or ''}".rstrip("/"))):
         if proc.poll() is not None:
             return False
-        assert time.time() < deadline, f"{stage} never started"
+        assert time.time() < deadline, f"{stage} never reached {milestone or 'its start'}"
         time.sleep(0.01)
     end = time.time() + delay
     while time.time() < end:
@@ -127,9 +130,12 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(chain, tmp_path, stage,
     cmd = [sys.executable, "-m", "luigi", "--module", "tasks", stage, *TWO_RANKS]
     proc = subprocess.Popen(cmd, cwd=chain.root, env=run_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    milestone = None
     if kill == "random":
         duration = _chain_duration(chain, stage)
-        killed = kill_tree_when(proc, store, stage, random.Random(seed).uniform(0.0, 0.9) * duration)
+        milestone = MILESTONES.get(stage) if seed % 2 else None
+        share = 0.1 if milestone else 0.9  # after a milestone: within the next checkpoint interval or shard
+        killed = kill_tree_when(proc, store, stage, random.Random(seed).uniform(0.0, share) * duration, milestone)
         assert killed, f"{stage} finished before the kill (it took {duration} s in the chain)"
     else:
         assert proc.wait(timeout=300) == -signal.SIGKILL, f"the crash at {kill} did not happen"
@@ -156,6 +162,8 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(chain, tmp_path, stage,
         assert "published it without rebuilding" in log, "a finished build was redone"
     if kill == "after-rename":
         assert "building in" not in log, "a published build was redone"
+    if milestone:
+        assert resumable, f"{stage}: nothing resumable was left by a kill after {milestone}"
     if any("resume/checkpoint.pt" in p for p in resumable):
         assert "resuming from step" in log, "training restarted from zero despite a checkpoint"
     if any(Path(p).name.startswith("shard-") and Path(p).suffix == ".h5" for p in resumable):

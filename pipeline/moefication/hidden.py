@@ -65,9 +65,9 @@ def write_shard(model, shard: Path, wins: np.ndarray, flags: np.ndarray, batch_s
     try:
         with h5py.File(tmp, "w") as f, torch.no_grad():
             sets = [f.create_dataset(layer_name(i), shape=(n, d_model), dtype="f2",
-                                     chunks=(min(CHUNK_ROWS, n), d_model) if n else None)
+                                     chunks=(min(CHUNK_ROWS, n), d_model) if n else None, track_times=False)
                     for i in range(len(model.transformer.h))]
-            f.create_dataset("heldout", data=np.repeat(flags, seq_len))
+            f.create_dataset("heldout", data=np.repeat(flags, seq_len), track_times=False)
             row = 0
             for start in tqdm(range(0, len(wins), batch_size), desc=desc, unit="batch", leave=False):
                 batch = torch.from_numpy(wins[start:start + batch_size])
@@ -107,6 +107,15 @@ def shard_complete(shard: Path) -> bool:
         return False
 
 
+def _virtual_dataset(f: h5py.File, name: str, layout: h5py.VirtualLayout) -> None:
+    """``f.create_virtual_dataset`` without the creation time in its header (HDF5 records one by
+    default), so that a rebuilt dump is identical byte for byte."""
+    dcpl = layout._get_dcpl(f.filename)
+    dcpl.set_obj_track_times(False)
+    h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(layout.dtype), logical=1),
+                    h5py.h5s.create_simple(layout.shape), dcpl=dcpl)
+
+
 def join_shards(out: Path, shards: list[Path], n_layers: int, d_model: int) -> None:
     """``hidden_states.h5``: per layer a virtual dataset over the shards (relative paths, so the
     directory can move), and the joined heldout flags."""
@@ -122,12 +131,12 @@ def join_shards(out: Path, shards: list[Path], n_layers: int, d_model: int) -> N
             for shard, size in zip(shards, sizes):
                 layout[row:row + size] = h5py.VirtualSource(shard.name, layer_name(i), shape=(size, d_model))
                 row += size
-            f.create_virtual_dataset(layer_name(i), layout)
+            _virtual_dataset(f, layer_name(i), layout)
         flags = []
         for s in shards:
             with h5py.File(s, "r") as src:
                 flags.append(src["heldout"][:])
-        f.create_dataset("heldout", data=np.concatenate(flags))
+        f.create_dataset("heldout", data=np.concatenate(flags), track_times=False)
         f.attrs.update({"tokens": total, "layers": n_layers, "d_model": d_model})
 
 

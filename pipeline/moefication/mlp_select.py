@@ -26,6 +26,7 @@ from pipeline.moefication.hidden import HIDDEN, layer_name
 from pipeline.moefication.clustering import CLUSTERS
 from pipeline.moefication.param_cluster import TEMPLATE, fc_in_weights, layer_key
 from pipeline.moefication.router import ROUTERS, train_router
+from pipeline.resume import LayerCheckpoints
 
 
 def fc_in_biases(state: dict, template: str, weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -63,22 +64,27 @@ def check_clusters(clusters: dict, path: Path, weights: list[torch.Tensor], num_
 
 def train_routers(hidden: Path, weights: list[torch.Tensor], biases: list[torch.Tensor], clusters: dict,
                   num_expert: int, topk: int, epochs: int, batch_size: int, lr: float,
-                  seed: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors for routers.safetensors, metrics): one trained router per layer."""
+                  seed: int, resume: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors for routers.safetensors, metrics): one trained router per layer. With ``resume``,
+    each finished layer's router is kept there and not trained again."""
     if not 1 <= topk <= num_expert:
         raise ValueError(f"topk {topk} is out of range: expected 1 to num_expert ({num_expert})")
     tensors, per_layer = {}, []
+    done = LayerCheckpoints(resume)
     with h5py.File(hidden, "r") as f:
         check_hidden_states(f, hidden, len(weights), weights[0].shape[1])
         heldout = f["heldout"][:]
         for i in tqdm(range(len(weights)), desc="routers", unit="layer"):
             key = layer_key(i)
-            router, metrics = train_router(f[layer_name(i)], heldout, weights[i], biases[i],
-                                           clusters[f"{key}.labels"].long(), clusters[f"{key}.centroids"].float(),
-                                           topk, epochs, batch_size, lr, seed)
-            tensors[f"{key}.a"] = router.a.weight.detach().contiguous()
-            tensors[f"{key}.b"] = router.b.weight.detach().contiguous()
-            per_layer.append({k: round(v, 4) for k, v in metrics.items()})
+            if (saved := done.load(i)) is None:
+                router, metrics = train_router(f[layer_name(i)], heldout, weights[i], biases[i],
+                                               clusters[f"{key}.labels"].long(), clusters[f"{key}.centroids"].float(),
+                                               topk, epochs, batch_size, lr, seed)
+                saved = ({"a": router.a.weight.detach(), "b": router.b.weight.detach()},
+                         {k: round(v, 4) for k, v in metrics.items()})
+                done.save(i, *saved)
+            tensors[f"{key}.a"], tensors[f"{key}.b"] = saved[0]["a"].contiguous(), saved[0]["b"].contiguous()
+            per_layer.append(saved[1])
     n = len(per_layer)
     return tensors, {
         "topk": topk, "num_expert": num_expert, "layers": n, "per_layer": per_layer,

@@ -21,6 +21,7 @@ from kernels.threads import parallel_map
 from pipeline import cli
 from pipeline.artifacts import save_safetensors
 from pipeline.cli import UsageError
+from pipeline.resume import LayerCheckpoints
 from pipeline.moefication.clustering import (CLUSTERS, balanced_kmeans, check_experts, cosine_to_centroid, expert_centroids,
                                              random_split)
 
@@ -44,10 +45,12 @@ def fc_in_weights(state: dict, template: str, num_layer: int) -> list[torch.Tens
 
 
 def cluster_layers(weights: list[torch.Tensor], num_expert: int, method: str = "balanced_kmeans", seed: int = 0,
-                   iterations: int = 30, features: list[np.ndarray] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                   iterations: int = 30, features: list[np.ndarray] | None = None,
+                   resume: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors for clusters.safetensors, metrics): per layer, expert labels and centroids (of
     the fc_in rows, whatever was clustered). Balanced k-means runs on ``features`` (one row per
-    neuron) when given, else on the fc_in rows themselves."""
+    neuron) when given, else on the fc_in rows themselves. With ``resume``, each finished layer
+    is kept there and not clustered again."""
     if method not in METHODS + ("coactivation",):
         raise ValueError(f"clustering method {method!r} is unknown; expected one of {', '.join(METHODS)}")
     if (method == "coactivation") != (features is not None):
@@ -56,15 +59,22 @@ def cluster_layers(weights: list[torch.Tensor], num_expert: int, method: str = "
         check_experts(w.shape[0], num_expert)
     bar = tqdm(total=len(weights), desc="clustering layers", unit="layer")
 
+    done = LayerCheckpoints(resume)
+
     def cluster(i: int) -> tuple[np.ndarray, float]:
+        if (saved := done.load(i)) is not None:
+            bar.update(1)
+            return saved[0]["labels"].numpy(), saved[1]["seconds"]
         start = time.perf_counter()
         if method == "random":
             labels = random_split(weights[i].shape[0], num_expert, seed=seed)
         else:
             points = weights[i].numpy() if features is None else features[i]
             labels = balanced_kmeans(points, num_expert, seed=seed, iterations=iterations)
+        elapsed = time.perf_counter() - start
+        done.save(i, {"labels": torch.from_numpy(labels)}, {"seconds": elapsed})
         bar.update(1)
-        return labels, time.perf_counter() - start
+        return labels, elapsed
 
     # layers in parallel, one torch thread each; the labels do not depend on the thread count
     results = parallel_map(cluster, range(len(weights)))
