@@ -1,12 +1,14 @@
 """Crash anywhere, lose nothing: each stage is built in a copy of the chain's store without it,
-its whole process tree is killed with SIGKILL (at two random points of its work, and at one step
-of publishing), and the rerun must publish what the uninterrupted chain published: every payload
-byte for byte (logs and wall-clock figures aside), and never a version directory without a valid
-manifest in between. Training resumes from its last checkpoint, the hidden-state dump from its
-last complete shard."""
+and its whole process tree is killed with SIGKILL three times in a row (each rerun is killed
+again: at a random point of its work, at a random point just after its first saved progress,
+and at one step of publishing); the last rerun must publish what the uninterrupted chain
+published, every payload byte for byte (logs and wall-clock figures aside), with never a version
+directory without a valid manifest in between. Training resumes from its last checkpoint, the
+hidden-state dump from its last complete shard."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -24,19 +26,12 @@ STAGES = ["Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters", 
           "PruningMasks", "FinalCompressed", "Report"]
 TRAINING = {"BaseModel", "ReluModel", "FinalCompressed"}
 PUBLISH_STEPS = ["before-manifest", "before-rename", "after-rename"]
-# for the second random kill of a stage that saves progress: wait for its first saved piece
+# for the first kill of a stage that saves progress: its first saved piece
 MILESTONES = {"BaseModel": "resume/checkpoint.pt", "ReluModel": "resume/checkpoint.pt",
-              "FinalCompressed": "resume/checkpoint.pt", "HiddenStates": "shard-*-0000.h5"}
+              "FinalCompressed": "resume/checkpoint.pt", "HiddenStates": "shard-*.h5"}
 # files that hold wall-clock times: logs, the training log's timings, the Report's speed table
 TIMED = {"stage.log", "train.log", "dump.log", "train_log.json"}
 TIMED_BY_STAGE = {"Report": {"report.md"}}
-
-
-def crash_cases():
-    for i, stage in enumerate(STAGES):
-        yield stage, "random", 2 * i
-        yield stage, "random", 2 * i + 1
-        yield stage, PUBLISH_STEPS[i % len(PUBLISH_STEPS)], None
 
 
 def link_store(src: Path, dst: Path, without: str) -> None:
@@ -74,13 +69,20 @@ def survivors(store: Path) -> list[int]:
 
 def kill_tree_when(proc: subprocess.Popen, store: Path, stage: str, delay: float, milestone: str | None = None,
                    timeout: float = 120) -> bool:
-    """SIGKILL the run's process tree ``delay`` seconds after the stage's scratch directory appears
-    (or after ``milestone`` appears in it); False if the run ended first."""
-    deadline = time.time() + timeout
-    while not list((store / stage).glob(f".scratch-*/{milestone or ''}".rstrip("/"))):
+    """SIGKILL the run's process tree ``delay`` seconds after it starts building the stage (it
+    holds the version's lock) or after it saves ``milestone`` in the scratch directory; False
+    if the run ended first."""
+    started = time.time()
+
+    def reached() -> bool:
+        if milestone:
+            return any(p.stat().st_mtime > started for p in (store / stage).glob(f".scratch-*/{milestone}"))
+        return any(lock.read_text().strip() == str(proc.pid) for lock in (store / stage).glob(".lock-*"))
+
+    while not reached():
         if proc.poll() is not None:
             return False
-        assert time.time() < deadline, f"{stage} never reached {milestone or 'its start'}"
+        assert time.time() < started + timeout, f"{stage} never reached {milestone or 'its build'}"
         time.sleep(0.01)
     end = time.time() + delay
     while time.time() < end:
@@ -120,55 +122,73 @@ def untimed(obj):
     return obj
 
 
-@pytest.mark.parametrize("stage, kill, seed", list(crash_cases()),
-                         ids=[f"{s}-{k}{'' if n is None else n}" for s, k, n in crash_cases()])
-def test_killed_stage_reruns_to_the_uninterrupted_result(chain, tmp_path, stage, kill, seed):
+def kills(i: int, stage: str) -> list[tuple[str, int | None]]:
+    """The crashes a stage goes through, one after the other (each rerun is killed again): a random
+    point just after its first saved progress (a checkpoint or a shard; for the stages that save
+    none, a random point of its work), a random point of the rerun's work, and one step of
+    publishing, cycled over the stages."""
+    return [("random", 2 * i), ("random", 2 * i + 1), (PUBLISH_STEPS[i % len(PUBLISH_STEPS)], None)]
+
+
+@pytest.mark.parametrize("i, stage", list(enumerate(STAGES)), ids=STAGES)
+def test_killed_stage_reruns_to_the_uninterrupted_result(chain, tmp_path, i, stage):
     store = tmp_path / "artifacts"
     link_store(chain.artifacts, store, without=stage)
     env = {**chain.env, "PIPELINE_ARTIFACTS": str(store)}
-    run_env = {**env, CRASH_ENV: kill} if kill != "random" else env
     cmd = [sys.executable, "-m", "luigi", "--module", "tasks", stage, *TWO_RANKS]
-    proc = subprocess.Popen(cmd, cwd=chain.root, env=run_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    milestone = None
-    if kill == "random":
-        duration = _chain_duration(chain, stage)
-        milestone = MILESTONES.get(stage) if seed % 2 else None
-        share = 0.1 if milestone else 0.9  # after a milestone: within the next checkpoint interval or shard
-        killed = kill_tree_when(proc, store, stage, random.Random(seed).uniform(0.0, share) * duration, milestone)
-        assert killed, f"{stage} finished before the kill (it took {duration} s in the chain)"
-    else:
-        assert proc.wait(timeout=300) == -signal.SIGKILL, f"the crash at {kill} did not happen"
+    resumed_from = []
+    for n, (kill, seed) in enumerate(kills(i, stage)):
+        saved = resumable(store, stage)
+        log_path = tmp_path / f"run{n}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=chain.root, env={**env, CRASH_ENV: kill} if kill != "random" else env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            if kill == "random":
+                milestone = MILESTONES.get(stage) if n == 0 else None
+                # after a milestone: within about one more checkpoint or shard; in a rerun, within what is left
+                share = 0.1 if milestone else 0.9 if n == 0 else 0.5
+                delay = random.Random(seed).uniform(0.0, share) * _chain_duration(chain, stage)
+                assert kill_tree_when(proc, store, stage, delay, milestone), f"{stage} finished before kill {n}"
+            else:
+                assert proc.wait(timeout=300) == -signal.SIGKILL, f"the crash at {kill} did not happen"
+        deadline = time.time() + 5
+        while survivors(store) and time.time() < deadline:
+            time.sleep(0.1)
+        assert survivors(store) == [], f"kill {n}: a process of the killed run is still running"
+        assert_every_visible_version_is_valid(store)
+        if n == 0 and stage in MILESTONES:
+            assert resumable(store, stage), f"{stage}: nothing resumable was left by a kill after its first save"
+        resumed_from.append((saved, log_path.read_text()))
 
-    deadline = time.time() + 5
-    while survivors(store) and time.time() < deadline:
-        time.sleep(0.1)
-    assert survivors(store) == [], "a process of the killed run is still running"
-    assert_every_visible_version_is_valid(store)
-    resumable = {p.relative_to(store).as_posix() for p in store.glob(f"{stage}/.scratch-*/**/*")
-                 if p.is_file() and ("resume" in p.parts or p.name.startswith("shard-"))}
-
-    rerun = subprocess.run(cmd, cwd=chain.root, env=env, capture_output=True, text=True, timeout=600)
-    log = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, log[-3000:]
+    saved = resumable(store, stage)
+    final = subprocess.run(cmd, cwd=chain.root, env=env, capture_output=True, text=True, timeout=600)
+    log = final.stdout + final.stderr
+    assert final.returncode == 0, log[-3000:]
+    resumed_from.append((saved, log))
     assert_every_visible_version_is_valid(store)
     [rebuilt] = [p for p in visible_versions(store) if p.parent.name == stage]
     reference = chain.artifacts / stage / rebuilt.name
     assert reference.is_dir(), f"the rerun built {stage} {rebuilt.name}, which the chain did not"
-    assert not list((store / stage).glob(".scratch-*")), "the rerun leaves no scratch directory"
+    assert not list((store / stage).glob(".scratch-*")), "no scratch directory is left"
     result = compare_with_chain(stage, rebuilt, reference)
 
-    if kill == "before-rename":
+    publish = kills(i, stage)[-1][0]
+    if publish == "before-rename":
         assert "published it without rebuilding" in log, "a finished build was redone"
-    if kill == "after-rename":
+    if publish == "after-rename":
         assert "building in" not in log, "a published build was redone"
-    if milestone:
-        assert resumable, f"{stage}: nothing resumable was left by a kill after {milestone}"
-    if any("resume/checkpoint.pt" in p for p in resumable):
-        assert "resuming from step" in log, "training restarted from zero despite a checkpoint"
-    if any(Path(p).name.startswith("shard-") and Path(p).suffix == ".h5" for p in resumable):
-        assert "complete shard(s) kept from an earlier run" in log
-    _record(stage, kill, seed, resumable, result)
+    for saved, run_log in resumed_from[1:]:  # every run that found saved progress, and got to train, used it
+        if any(p.endswith("resume/checkpoint.pt") for p in saved) and re.search(r"^step \d+ loss", run_log, re.M):
+            assert "resuming from step" in run_log, "training restarted from zero despite a checkpoint"
+    if any(Path(p).name.startswith("shard-") for p in resumed_from[-1][0]):  # left for the last run
+        assert "complete shard(s) kept from an earlier run" in log, "the dump restarted from zero despite its shards"
+    _record(stage, kills(i, stage), resumed_from, result)
+
+
+def resumable(store: Path, stage: str) -> list[str]:
+    """Saved progress in the stage's scratch directory: resume state and complete dump shards."""
+    return sorted(p.relative_to(store).as_posix() for p in store.glob(f"{stage}/.scratch-*/**/*")
+                  if p.is_file() and ("resume" in p.parts or (p.name.startswith("shard-") and p.suffix == ".h5")))
 
 
 def _chain_duration(chain, stage) -> float:
@@ -176,10 +196,12 @@ def _chain_duration(chain, stage) -> float:
     return max(totals)
 
 
-def _record(stage, kill, seed, resumable, result) -> None:
-    """One line per case in a session file (read by the closing note's counts, not by any assert)."""
+def _record(stage, kills, resumed_from, result) -> None:
+    """One line per stage in a file named by CRASH_RECORD (for the closing note's counts; no
+    assert reads it)."""
     path = os.environ.get("CRASH_RECORD")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"stage": stage, "kill": kill, "seed": seed,
-                                "resumable_files": len(resumable), **result}) + "\n")
+            f.write(json.dumps({"stage": stage, "kills": [k for k, _ in kills],
+                                "saved_progress_before_each_rerun": [len(saved) for saved, _ in resumed_from],
+                                **result}) + "\n")
