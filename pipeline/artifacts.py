@@ -16,6 +16,7 @@ always rehashed and caught, and an untouched one costs one ``stat``.
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -205,6 +206,7 @@ class Artifact:
         """Check every payload file against the size and sha256 recorded at publish time. Files
         whose stat stamp is in ``verified`` with the recorded hash are not read again; the
         stamps of the files hashed here are added to it."""
+        todo = []
         for name, info in self.manifest.get("files", {}).items():
             p = self.path / name
             try:
@@ -214,14 +216,28 @@ class Artifact:
             if stamp[0] != info["bytes"]:
                 raise CorruptArtifact(f"{p} is {stamp[0]} bytes, its manifest recorded {info['bytes']} "
                                       f"(truncated or altered); {broken(self.path)}")
-            key = str(p)
-            if verified is not None and verified.get(key) == [stamp, info["sha256"]]:
-                continue
-            if sha256_file(p) != info["sha256"]:
+            if verified is None or verified.get(str(p)) != [stamp, info["sha256"]]:
+                todo.append((p, stamp, info["sha256"]))
+        for (p, stamp, expected), actual in zip(todo, _hash_files([p for p, _, _ in todo])):
+            if actual != expected:
                 raise CorruptArtifact(f"{p} does not match its recorded checksum (altered after it was "
                                       f"published); {broken(self.path)}")
             if verified is not None:
-                verified[key] = [stamp, info["sha256"]]
+                verified[str(p)] = [stamp, expected]
+
+def _hash_files(paths: list[Path], fsync: bool = False) -> list[str]:
+    """sha256 of each file, several at a time (hashlib releases the GIL on large blocks)."""
+    def one(p: Path) -> str:
+        digest = sha256_file(p)
+        if fsync:
+            _fsync_file(p)
+        return digest
+
+    if len(paths) < 2:
+        return [one(p) for p in paths]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(paths))) as pool:
+        return list(pool.map(one, paths))
+
 
 def broken(path: Path) -> str:
     return (f"the artifact {path} is broken: rerun the pipeline (the same luigi or make command) and it moves "
@@ -380,11 +396,11 @@ class Store:
         return True
 
     def _finish(self, spec: StageSpec, build: Build) -> None:
-        files = {}
-        for p in sorted(build.path.rglob("*")):
-            if p.is_file() and p.relative_to(build.path).parts[0] != RESUME_DIR:
-                files[str(p.relative_to(build.path))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                _fsync_file(p)  # the manifest must never outlive its payload on a power cut
+        paths = [p for p in sorted(build.path.rglob("*"))
+                 if p.is_file() and p.relative_to(build.path).parts[0] != RESUME_DIR]
+        # fsync: the manifest must never outlive its payload on a power cut
+        files = {str(p.relative_to(build.path)): {"bytes": p.stat().st_size, "sha256": digest}
+                 for p, digest in zip(paths, _hash_files(paths, fsync=True))}
         manifest = {
             "stage": spec.stage,
             "version": spec.version,

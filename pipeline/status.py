@@ -74,15 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     args, specs = parse_graph_command(p, argv)
     store = Store()
     entries = [stage_status(s, store, args.verify) for s in specs]
+    code = 1 if any(e["state"] == "broken" for e in entries) else 0
     if args.json:
         print(json.dumps(entries, indent=2))
-        return 0
+        return code
     print(f"artifacts: {store.root}")
     for e, spec in zip(entries, specs):
         print(f"{e['stage']:<16} {e['state']:<11} {e['version']}  {instance_label(spec, specs)}".rstrip())
         for reason in e["reasons"]:
             print(f"{'':<16} - {reason}")
-    return 1 if any(e["state"] == "broken" for e in entries) else 0
+    return code
 
 
 if __name__ == "__main__":

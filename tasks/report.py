@@ -45,8 +45,9 @@ class Report(Stage):
         from pipeline.resources import Needs, model_bytes
 
         model = model_bytes(inputs["BaseModel"])
-        return Needs(model / 2, (len(inputs) + 2) * model,
-                     f"an int8 copy of the teacher; its {len(inputs) + 2} models held at once for the speed runs")
+        return Needs(model / 2 + 4 * 2**20, (len(inputs) + 2) * model,
+                     f"an int8 copy of the teacher and four plots; {len(inputs) + 2} models held at once for "
+                     f"the speed runs")
 
     def build(self, build, inputs) -> None:
         import torch

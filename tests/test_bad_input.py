@@ -105,9 +105,16 @@ def fake_corpus_artifact(d: Path) -> Path:
 
 
 def published_corpus(p, d):
-    """Build a real Corpus on a small text set; return its artifact directory."""
-    pattern = corpus(d)
-    p.luigi("Corpus", "--Corpus-files", pattern)
+    """A real Corpus on a small text set, built once per session and copied into this project's
+    store; returns its artifact directory and the files pattern."""
+    shared = d.parent / "bad-input-corpus"
+    pattern = str(shared / "corpus" / "*.py")
+    if not (shared / "store").is_dir():
+        corpus(shared)
+        p.luigi("Corpus", "--Corpus-files", pattern)
+        shutil.copytree(p.artifacts, shared / "store")
+    else:
+        shutil.copytree(shared / "store", p.artifacts)
     [manifest] = p.artifacts.glob("Corpus/*/manifest.json")
     return manifest.parent, pattern
 

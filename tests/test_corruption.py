@@ -37,80 +37,95 @@ def truncate(path: Path) -> None:
 
 
 def only_version(store: Path, stage: str) -> Path:
-    [version] = [p for p in (store / stage).iterdir() if not p.name.startswith(".")]
-    return version
+    """The stage's published version (the first, for a stage with several instances)."""
+    return sorted(p for p in (store / stage).iterdir() if not p.name.startswith("."))[0]
 
 
-CASES = [
-    # stage, damaged file, damage, the stage run afterwards (it is removed first unless it is the damaged one)
-    ("Corpus", "train.npy", flip, "Corpus"),
-    ("Corpus", "valid.npy", truncate, "Corpus"),
-    ("ReluModel", "model.safetensors", truncate, "HiddenStates"),
-    ("HiddenStates", "shard-0-0001.h5", flip, "Routers"),
-    ("HiddenStates", "hidden_states.h5", truncate, "Routers"),
-    ("Moefied", "report.md", flip, "Moefied"),
-]
+SCENARIOS = {
+    # damaged files (stage, file, damage), a stage removed first (so that the run must read its
+    # inputs), and the stage run
+    "through-Moefied": ([("Corpus", "train.npy", flip), ("HiddenStates", "shard-0-0001.h5", flip),
+                         ("Routers", "routers.safetensors", truncate), ("Moefied", "report.md", truncate)],
+                        None, "Moefied"),
+}
 
 
-@pytest.mark.parametrize("stage, name, damage, run", CASES,
-                         ids=[f"{s}-{n}-{d.__name__}" for s, n, d, _ in CASES])
-def test_damaged_file_is_reported_then_rebuilt(chain, tmp_path, stage, name, damage, run):
+def status(chain, env) -> tuple[int, dict]:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.status", "--json", *TWO_RANKS], cwd=chain.root, env=env,
+                          capture_output=True, text=True)
+    entries = {}
+    for e in json.loads(proc.stdout):
+        entries.setdefault(e["stage"], []).append(e)
+    return proc.returncode, entries
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_damaged_files_are_reported_then_rebuilt(chain, tmp_path, scenario):
+    damages, removed, run = SCENARIOS[scenario]
     store = tmp_path / "artifacts"
-    link_store(chain.artifacts, store, without=run if run != stage else "")
+    link_store(chain.artifacts, store, without=removed or "")
     env = {**chain.env, "PIPELINE_ARTIFACTS": str(store)}
-    version = only_version(store, stage)
-    reference = chain.artifacts / stage / version.name
-    damage(version / name)
+    versions = {}
+    for stage, name, damage in damages:
+        versions[stage] = only_version(store, stage)
+        damage(versions[stage] / name)
 
-    status = subprocess.run([sys.executable, "-m", "pipeline.status", "--json", *TWO_RANKS], cwd=chain.root, env=env,
-                            capture_output=True, text=True)
-    assert status.returncode == 1, "a broken artifact makes status exit 1"
-    [entry] = [e for e in json.loads(status.stdout) if e["stage"] == stage]
-    assert entry["state"] == "broken"
-    assert str(version / name) in entry["reasons"][0] and "rerun the pipeline" in entry["reasons"][0]
+    code, entries = status(chain, env)
+    assert code == 1, "a broken artifact makes status exit 1"
+    for stage, name, _ in damages:
+        [entry] = [e for e in entries[stage] if e["version"] == versions[stage].name]
+        assert entry["state"] == "broken"
+        assert str(versions[stage] / name) in entry["reasons"][0] and "rerun the pipeline" in entry["reasons"][0]
 
     proc = subprocess.run([sys.executable, "-m", "luigi", "--module", "tasks", run, *TWO_RANKS], cwd=chain.root,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"warning: {stage}: {version / name}" in proc.stderr and "rebuilding" in proc.stderr
-    [moved] = list((store / stage).glob(f".broken-{version.name}-*"))
-    assert (moved / name).is_file(), "the broken version is kept aside for inspection"
+    for stage, name, _ in damages:
+        version = versions[stage]
+        assert f"warning: {stage}: {version / name}" in proc.stderr
+        [moved] = list((store / stage).glob(f".broken-{version.name}-*"))
+        assert (moved / name).is_file(), "the broken version is kept aside for inspection"
+        rebuilt = store / stage / version.name
+        assert rebuilt.is_dir(), "the rebuild is the same version"
+        new, ref = (json.loads((p / "manifest.json").read_text())["files"]
+                    for p in (rebuilt, chain.artifacts / stage / version.name))
+        assert {n: f["sha256"] for n, f in new.items() if n not in TIMED} == \
+            {n: f["sha256"] for n, f in ref.items() if n not in TIMED}, f"{stage} rebuilt byte for byte"
 
-    rebuilt = only_version(store, stage)
-    assert rebuilt.name == version.name, "the rebuild is the same version"
-    new, ref = (json.loads((p / "manifest.json").read_text())["files"] for p in (rebuilt, reference))
-    assert {n: f["sha256"] for n, f in new.items() if n not in TIMED} == \
-        {n: f["sha256"] for n, f in ref.items() if n not in TIMED}, "rebuilt byte for byte"
-    status = subprocess.run([sys.executable, "-m", "pipeline.status", "--json", *TWO_RANKS], cwd=chain.root, env=env,
-                            capture_output=True, text=True)
-    assert status.returncode == 0
-    assert {e["state"] for e in json.loads(status.stdout) if e["stage"] == stage} == {"up-to-date"}
-    if run != stage:
-        built = only_version(store, run)
-        assert (chain.artifacts / run / built.name).is_dir(), f"{run} was built on the rebuilt {stage} as in the chain"
+    code, entries = status(chain, env)
+    assert code == 0
+    for stage in {stage for stage, _, _ in damages} | {run}:
+        assert {e["state"] for e in entries[stage]} == {"up-to-date"}, stage
     gc = subprocess.run([sys.executable, "-m", "pipeline.gc", *TWO_RANKS], cwd=chain.root, env=env,
                         capture_output=True, text=True)
-    assert f"removing {moved}" in gc.stdout
+    assert gc.stdout.count(".broken-") == len(damages) and not list(store.glob("*/.broken-*"))
 
 
-def test_a_stage_refuses_an_input_damaged_after_scheduling(chain, tmp_path, monkeypatch):
+def test_a_stage_refuses_an_input_damaged_after_scheduling(chain, tmp_path):
     """Damage between Luigi's check and the stage's start: the stage stops before building,
     naming the file, and the broken version is moved aside for the next run to rebuild."""
-    from luigi.cmdline_parser import CmdlineParser
-
     store = tmp_path / "artifacts"
     link_store(chain.artifacts, store, without="HiddenStates")
-    monkeypatch.setenv("PIPELINE_ARTIFACTS", str(store))
-    monkeypatch.setenv("LUIGI_CONFIG_PATH", chain.env["LUIGI_CONFIG_PATH"])
-    import tasks
-
-    with CmdlineParser.global_instance(["HiddenStates", *TWO_RANKS]):
-        task = tasks.HiddenStates()
-        assert all(t.complete() for t in task.upstream().values())
-        relu = only_version(store, "ReluModel")
-        flip(relu / "model.safetensors")
-        with pytest.raises(CorruptArtifact, match=f"input ReluModel: {relu / 'model.safetensors'} does not match"):
-            task.run()
+    relu = only_version(store, "ReluModel")
+    script = f"""
+import sys
+from luigi.cmdline_parser import CmdlineParser
+import tasks
+from test_corruption import flip
+with CmdlineParser.global_instance(["HiddenStates", *{list(TWO_RANKS)!r}]):
+    task = tasks.HiddenStates()
+    assert all(t.complete() for t in task.upstream().values())
+    flip(__import__("pathlib").Path({str(relu / "model.safetensors")!r}))
+    try:
+        task.run()
+    except Exception as e:
+        print(type(e).__name__, e)
+"""
+    env = {**chain.env, "PIPELINE_ARTIFACTS": str(store),
+           "PYTHONPATH": f"{chain.root}{os.pathsep}{Path(__file__).parent}"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=chain.root, env=env, capture_output=True, text=True)
+    assert f"CorruptArtifact input ReluModel: {relu / 'model.safetensors'} does not match" in proc.stdout, \
+        proc.stdout + proc.stderr[-2000:]
     assert not relu.exists() and list((store / "ReluModel").glob(".broken-*"))
     assert not list((store / "HiddenStates").glob("*")), "nothing of HiddenStates was started"
 

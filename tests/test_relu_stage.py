@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import Project
+from test_crash import link_store
+
 
 def manifest(project, stage):
     [path] = project.artifacts.glob(f"{stage}/*/manifest.json")
@@ -29,8 +32,13 @@ def training_ranks(save_dir_fragment):
     return ranks
 
 
-def test_relu_stage_records_its_numbers_and_survives_a_killed_rank(project):
-    args = ["--pipeline-nproc-per-node", "2", "--ReluModel-steps", "300", "--ReluModel-save-interval", "10"]
+def test_relu_stage_records_its_numbers_and_survives_a_killed_rank(chain, tmp_path):
+    """On the chain's Corpus and BaseModel (a copy of its store without ReluModel)."""
+    project = Project(chain.root)
+    project.artifacts = tmp_path / "artifacts"
+    project.env = {**chain.env, "PIPELINE_ARTIFACTS": str(project.artifacts)}
+    link_store(chain.artifacts, project.artifacts, without="ReluModel")
+    args = ["--pipeline-nproc-per-node", "2", "--ReluModel-steps", "120", "--ReluModel-save-interval", "10"]
     luigi = subprocess.Popen([sys.executable, "-m", "luigi", "--module", "tasks", "ReluModel", *args],
                              cwd=project.root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
@@ -49,7 +57,7 @@ def test_relu_stage_records_its_numbers_and_survives_a_killed_rank(project):
     rerun = project.luigi("ReluModel", *args)
     assert "resuming from step" in rerun.stdout + rerun.stderr
     m = manifest(project, "ReluModel")["metrics"]
-    assert m["world_size"] == 2 and m["tokens_seen"] == 300 * 8 * 64
+    assert m["world_size"] == 2 and m["tokens_seen"] == 120 * 8 * 64
     assert len(m["ffn_sparsity"]) == 2 and all(0 < s < 1 for s in m["ffn_sparsity"])
     assert m["perplexity_ratio"] == round(m["valid_perplexity"] / m["teacher_valid_perplexity"], 4)
     assert json.loads((project.artifacts / "ReluModel" / manifest(project, "ReluModel")["version"]
