@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -73,6 +74,19 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+def _stamped(fn):
+    """Cache ``fn(path)`` per process, keyed by the file's mtime and size: every stage of a graph
+    follows the same modules, and a luigi or status run computes a dozen stages' fingerprints."""
+    cached = functools.lru_cache(maxsize=None)(lambda path, stamp: fn(path))
+
+    @functools.wraps(fn)
+    def wrapper(path: Path):
+        st = Path(path).stat()
+        return cached(Path(path), (st.st_mtime_ns, st.st_size))
+    return wrapper
+
+
+@_stamped
 def normalised_source_hash(path: Path) -> str:
     tree = _strip_docstrings(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
     return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
@@ -97,7 +111,8 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imported_modules(path: Path) -> set[str]:
+@_stamped
+def imported_modules(path: Path) -> frozenset[str]:
     """Dotted names of project modules that ``path`` imports anywhere (top level or in functions).
 
     Parent packages' ``__init__`` files run implicitly on import but are not followed: a package
@@ -118,7 +133,7 @@ def imported_modules(path: Path) -> set[str]:
             for alias in node.names:  # a submodule, or a name defined in the module ``base``
                 sub = f"{base}.{alias.name}"
                 found.add(sub if module_file(sub) is not None else base)
-    return {m for m in found if module_file(m) is not None}
+    return frozenset(m for m in found if module_file(m) is not None)
 
 
 def code_files(entry_modules: list[str], exclude: tuple[str, ...] = ()) -> dict[str, str]:

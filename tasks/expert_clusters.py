@@ -24,7 +24,7 @@ class ExpertClusters(Stage):
         return ups
 
     def effective_params(self) -> dict:
-        from pipeline.moefication.clustering import check_experts
+        from pipeline.moefication.experts import check_experts
 
         check_experts(pipeline_settings().architecture().n_inner, self.num_expert)
         params = {"num_expert": self.num_expert, "method": self.method, "seed": self.seed,

@@ -10,14 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.moefication.experts import check_experts
+
 CLUSTERS = "clusters.safetensors"  # labels and centroids per layer
-
-
-def check_experts(n_rows: int, num_expert: int) -> int:
-    if num_expert <= 0 or n_rows % num_expert:
-        raise ValueError(f"num_expert {num_expert} does not divide the {n_rows} neurons into equal experts "
-                         f"(expected a divisor of {n_rows})")
-    return n_rows // num_expert
 
 
 def balanced_assign(scores: torch.Tensor, size: int) -> torch.Tensor:
