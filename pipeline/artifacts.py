@@ -245,7 +245,7 @@ def _hash_files(paths: list[Path], fsync: bool = False) -> list[str]:
     def one(p: Path) -> str:
         digest = sha256_file(p)
         if fsync:
-            _fsync_file(p)
+            _fsync(p)
         return digest
 
     if len(paths) < 2:
@@ -329,23 +329,29 @@ class Store:
     def _verified_path(self) -> Path:
         return self.root / ".cache" / "verified.json"
 
-    def verify(self, artifact: Artifact, full: bool = False) -> None:
-        """Verify ``artifact`` (see :meth:`Artifact.verify`), reading only files not verified
-        since they last changed unless ``full``; raises CorruptArtifact."""
+    @contextlib.contextmanager
+    def _verified(self):
+        """The cache of verified file stamps, saved back when it changed."""
         try:
             cache = json.loads(self._verified_path.read_text())
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             cache = {}
         before = dict(cache)
-        if full:
-            for name in artifact.manifest.get("files", {}):
-                cache.pop(str(artifact.path / name), None)
         try:
-            artifact.verify(cache)
+            yield cache
         finally:
             if cache != before:
                 self._verified_path.parent.mkdir(parents=True, exist_ok=True)
                 _write_json_durably(self._verified_path, cache, unique_tmp=True)
+
+    def verify(self, artifact: Artifact, full: bool = False) -> None:
+        """Verify ``artifact`` (see :meth:`Artifact.verify`), reading only files not verified
+        since they last changed unless ``full``; raises CorruptArtifact."""
+        with self._verified() as cache:
+            if full:
+                for name in artifact.manifest.get("files", {}):
+                    cache.pop(str(artifact.path / name), None)
+            artifact.verify(cache)
 
     def quarantine(self, stage: str, version: str) -> Path:
         """Move a broken published version aside (``.broken-<version>-<time>``), so that it is
@@ -407,7 +413,7 @@ class Store:
             return False
         shutil.rmtree(scratch / RESUME_DIR, ignore_errors=True)
         os.rename(scratch, self.version_dir(spec.stage, spec.version))
-        _fsync_dir(scratch.parent)
+        _fsync(scratch.parent)
         return True
 
     def _finish(self, spec: StageSpec, build: Build) -> None:
@@ -431,17 +437,18 @@ class Store:
         }
         _crash_point("before-manifest")
         _write_json_durably(build.path / MANIFEST, manifest)
-        _fsync_dir(build.path)
+        _fsync(build.path)
         # the resume state goes only now: a crash before the manifest is written resumes from it
         shutil.rmtree(build.resume_dir, ignore_errors=True)
         _crash_point("before-rename")
         final = self.version_dir(spec.stage, spec.version)
         os.rename(build.path, final)
         _crash_point("after-rename")
-        _fsync_dir(build.path.parent)
+        _fsync(build.path.parent)
         # the files were just hashed: record them as verified, so that opening them costs a stat
-        with contextlib.suppress(OSError, CorruptArtifact):
-            self.verify(Artifact(final, manifest))
+        with self._verified() as cache:
+            for name, info in files.items():
+                cache[str(final / name)] = [_stamp(final / name), info["sha256"]]
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -487,15 +494,8 @@ def _write_json_durably(path: Path, obj, unique_tmp: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file, or a directory (its entries)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
