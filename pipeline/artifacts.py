@@ -278,6 +278,12 @@ class Build:
         return self.path / RESUME_DIR
 
     @property
+    def rank_logs(self) -> Path:
+        """Where torchrun keeps each rank's output: kept with the resume state when the build
+        fails, removed with it on publish."""
+        return self.resume_dir / "ranks"
+
+    @property
     def resumable(self) -> bool:
         return self.resume_dir.is_dir() and any(self.resume_dir.iterdir())
 

@@ -1,6 +1,7 @@
 """Process-group setup shared by the torchrun entry points (training, hidden-state dump)."""
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -27,3 +28,16 @@ def setup(cpu_only: bool = False) -> tuple[int, int, torch.device]:
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def teardown(world: int) -> None:
+    """Leave the process group while the interpreter is whole. What was built on it (DDP's reducer,
+    FSDP2's state, the modules' hook cycles) must be freed first: left to the last garbage
+    collection at interpreter exit, it destroys gloo's work objects from a finalizing interpreter,
+    and the rank can abort ("terminate called without an active exception") after its work is
+    done, failing the run. Call it after the function that built the model has returned."""
+    gc.collect()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+        gc.collect()  # what the group's pending work still held (FSDP2's modules) is free only now

@@ -310,6 +310,16 @@ def main(argv: list[str] | None = None) -> int:
                              f"student's ({config.vocab_size}); distillation needs the same tokenizer")
 
     rank, world, device = distributed.setup()
+    run(args, config, int8, student_state, teacher_state, teacher_cfg, rank, world, device)
+    del student_state, teacher_state
+    distributed.teardown(world)
+    return 0
+
+
+def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teacher_cfg, rank: int, world: int,
+        device) -> None:
+    """This rank's part, between joining the process group and leaving it: build, train (resuming
+    from ``<save-dir>/resume/``), save. What it builds is freed when it returns."""
     dtype = compute_dtype(args, device)
     per_rank = args.batch_size // (world * args.grad_accum)
     sharding, plan = choose_sharding(args, config, world, device, teacher_cfg, per_rank, dtype)
@@ -417,23 +427,25 @@ def main(argv: list[str] | None = None) -> int:
                 {"loss": log, "tokens_seen": args.steps * args.batch_size * args.seq_len, "world_size": world,
                  "sharding": sharding, "wall_time_s": round(time.time() - start, 2),
                  "tokens_this_run": (args.steps - first_step) * args.batch_size * args.seq_len}) + "\n")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
 
 
 def torchrun_command(args: list[str], nproc_per_node: int = 1, nnodes: int = 1, rdzv_endpoint: str = "",
-                     rdzv_id: str = "pipeline", module: str = "pipeline.train") -> list[str]:
+                     rdzv_id: str = "pipeline", module: str = "pipeline.train", log_dir: Path | None = None) -> list[str]:
     """The command that runs ``module`` (by default this entry point) under torchrun (the
-    interpreter's own torch.distributed.run)."""
+    interpreter's own torch.distributed.run). With ``log_dir``, every rank's stdout and stderr
+    also go to files of their own there (``<run>/attempt_0/<rank>/stdout.log``), as well as to
+    the console with a ``[default<rank>]:`` prefix."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}"]
     if nnodes == 1 and not rdzv_endpoint:
         cmd.append("--standalone")
     else:
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
+    if log_dir is not None:
+        cmd += [f"--log-dir={log_dir}", "--tee=3"]
     return cmd + ["-m", module, *args]
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    cli.run(record(main))  # record: a failing rank's traceback reaches torchrun's summary

@@ -63,7 +63,7 @@ class HiddenStates(Stage):
                 "--heldout-fraction", str(self.heldout_fraction), "--seq-len", str(self.seq_len),
                 "--batch-size", str(self.batch_size), "--part-tokens", str(self.part_tokens)]
         cmd = train.torchrun_command(args, settings.nproc_per_node, settings.nnodes, settings.rdzv_endpoint,
-                                     module="pipeline.moefication.hidden")
+                                     module="pipeline.moefication.hidden", log_dir=build.rank_logs)
         with build.timed("dump"):
             run_logged(cmd, build.path / "dump.log")
         with h5py.File(build.path / HIDDEN, "r") as f:

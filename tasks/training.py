@@ -55,7 +55,7 @@ def run_training(build, train_args: list[str], log_interval: int) -> dict:
 
     settings = pipeline_settings()
     cmd = train.torchrun_command(["--save-dir", str(build.path), *train_args], settings.nproc_per_node,
-                                 settings.nnodes, settings.rdzv_endpoint)
+                                 settings.nnodes, settings.rdzv_endpoint, log_dir=build.rank_logs)
     try:
         with build.timed("train"):
             run_logged(cmd, build.path / "train.log")
@@ -66,7 +66,7 @@ def run_training(build, train_args: list[str], log_interval: int) -> dict:
         # torchrun's summary names the first failure under "Root Cause"; other ranks then got SIGTERM
         killed = re.search(r"Signal (\d+) \((SIG\w+)\)", str(e).split("Root Cause")[-1])
         cause = f"a training rank was killed by {killed.group(2)}" if killed else "training failed"
-        raise CommandFailed(f"{cause}; {where}. {e}") from None
+        raise CommandFailed(f"{cause}; {where} (each rank's output: {build.rank_logs}). {e}") from None
     log = json.loads((build.path / train.TRAIN_LOG).read_text())
     steps = log["loss"][-1][0]
     return {

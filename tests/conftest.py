@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import commands
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_CFG = ROOT / "tests" / "smoke.cfg"
 
@@ -22,11 +24,10 @@ class Project:
                     "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
 
     def run(self, *args, check=True, timeout=600) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, *args], cwd=self.root, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        return proc
+        """Run the interpreter with ``args`` in this project; with ``check``, a failure reports the
+        command, its output and every log it left in the store."""
+        return commands.run([sys.executable, *args], roots=[self.artifacts], check=check, timeout=timeout,
+                            cwd=self.root, env=self.env)
 
     def luigi(self, *args, check=True) -> subprocess.CompletedProcess:
         return self.run("-m", "luigi", "--module", "tasks", *args, check=check)
@@ -70,9 +71,8 @@ def chain(tmp_path_factory) -> Project:
     project = make_project(tmp_path_factory.mktemp("chain") / "project")
     venv = sys.prefix  # the running environment; -o: never reinstall it from the copied pyproject
     for target in ("moefy", "compress"):
-        proc = subprocess.run(["make", "-o", f"{venv}/.installed", target, "NPROC=2", f"VENV={venv}"],
-                              cwd=project.root, env=project.env, capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, f"make {target}\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+        commands.run(["make", "-o", f"{venv}/.installed", target, "NPROC=2", f"VENV={venv}"],
+                     roots=[project.artifacts], timeout=1200, cwd=project.root, env=project.env)
     return project
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import commands
 from pipeline.compressed import EXPERTS, Int8MoEFFN, QLinear, export_compressed, load_compressed
 from pipeline.moefication.routed import route_experts
 from pipeline.quant import BMQuant, Int8Linear, quantize_rows
@@ -93,9 +94,8 @@ def test_generate_runs_the_compressed_model(relu_model_and_checkpoint, tmp_path)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.save(str(out / "tokenizer.json"))
-    run = subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", str(tmp_path / "artifact"),
-                          "--prompt", "abc", "--max-new-tokens", "5"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    run = commands.run([sys.executable, "-m", "pipeline.generate", "--model", str(tmp_path / "artifact"),
+                        "--prompt", "abc", "--max-new-tokens", "5"])
     lines = run.stdout.strip().splitlines()
     assert "5 new tokens" in lines[-1] and "tokens/s (int8 MoE model from" in lines[-1]
     assert lines[0].replace(" ", "").startswith("abc") and len(lines[0].replace(" ", "")) >= 3

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import commands
 from conftest import ROOT
 from pipeline.artifacts import AlreadyPublished, StageSpec, Store
 from test_crash import assert_every_visible_version_is_valid, link_store
@@ -25,10 +26,13 @@ def test_make_moefy_twice_at_once(chain, tmp_path):
     env = {**chain.env, "PIPELINE_ARTIFACTS": str(store)}
     venv = sys.prefix
     cmd = ["make", "-o", f"{venv}/.installed", "moefy", "NPROC=2", f"VENV={venv}"]
+    start = time.time()
     runs = [subprocess.Popen(cmd, cwd=chain.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]
     logs = [r.communicate(timeout=600)[0] for r in runs]
-    assert [r.returncode for r in runs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    for run, log in zip(runs, logs):
+        if run.returncode != 0:
+            raise AssertionError(commands.report(cmd, run.returncode, log, roots=[store], since=start))
 
     built = [set(BUILT.findall(log)) for log in logs]
     assert not built[0] & built[1], f"a version was built by both runs: {built[0] & built[1]}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import commands
 from conftest import TWO_RANKS
 from pipeline import artifacts
 from pipeline.artifacts import CorruptArtifact, StageSpec, Store
@@ -77,9 +78,8 @@ def test_damaged_files_are_reported_then_rebuilt(chain, tmp_path, scenario):
         assert entry["state"] == "broken"
         assert str(versions[stage] / name) in entry["reasons"][0] and "rerun the pipeline" in entry["reasons"][0]
 
-    proc = subprocess.run([sys.executable, "-m", "luigi", "--module", "tasks", run, *TWO_RANKS], cwd=chain.root,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = commands.run([sys.executable, "-m", "luigi", "--module", "tasks", run, *TWO_RANKS], roots=[store],
+                        cwd=chain.root, env=env)
     for stage, name, _ in damages:
         version = versions[stage]
         assert f"warning: {stage}: {version / name}" in proc.stderr

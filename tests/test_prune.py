@@ -1,7 +1,6 @@
 """BMPrune: masks computed, checkpointed and held through training (one process, DDP and FSDP2
 with two ranks through the training entry point)."""
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import commands
 from kernels import m4n2_1d, m4n2_2d_greedy
 from pipeline.models import GPTJ, from_pretrained, get_preset, save_pretrained
 from pipeline.prune import BMPrune, target_weights
@@ -78,8 +78,7 @@ def test_training_entry_point_holds_the_masks_on_two_ranks(tmp_path, sharding):
            "--save-dir", str(out), "--model", "gpt-j-smoke", "--load", str(start), "--data", str(corpus),
            "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--start-lr", "1e-2", "--warmup", "1",
            "--sharding", sharding, "--use-pruning", "--prune-func", "m4n2_2d_greedy"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    commands.run(cmd, roots=[out], timeout=300)
     masks = load_file(str(out / "pruning_masks.safetensors"))
     trained, initial = from_pretrained(out).state_dict(), from_pretrained(start).state_dict()
     assert len(masks) == 12

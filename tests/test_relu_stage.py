@@ -53,6 +53,12 @@ def test_relu_stage_records_its_numbers_and_survives_a_killed_rank(chain, tmp_pa
     assert "error: ReluModel: a training rank was killed by SIGKILL; a rerun resumes from the checkpoint in" in out, \
         [line for line in out.splitlines() if "error" in line.lower()][-5:]
     assert not list(project.artifacts.glob("ReluModel/*/manifest.json"))
+    [scratch] = project.artifacts.glob("ReluModel/.scratch-*")
+    assert f"(each rank's output: {scratch / 'resume' / 'ranks'})" in out
+    logs = {p.relative_to(scratch).parts[-2:] for p in scratch.glob("resume/ranks/**/*.log")}
+    assert logs == {(r, f) for r in ("0", "1") for f in ("stdout.log", "stderr.log")}, logs
+    survivor = next(scratch.glob("resume/ranks/**/0/stdout.log")).read_text()
+    assert "step 10 loss" in survivor, "rank 0's own log holds its progress"
 
     rerun = project.luigi("ReluModel", *args)
     assert "resuming from step" in rerun.stdout + rerun.stderr

@@ -3,18 +3,20 @@ FSDP2 against one rank, and bad input refused before any work."""
 import json
 import os
 import pickle
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import commands
 from pipeline import train
 from pipeline.models import GPTJ, get_preset, save_pretrained
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +38,8 @@ def smoke_dir(tmp_path_factory):
 def torchrun(nproc, *args, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--rdzv_id=1", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m", "pipeline.train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    save_dir = args[args.index("--save-dir") + 1] if "--save-dir" in args else None
+    return commands.run(cmd, roots=[save_dir] if save_dir else [], check=check, timeout=300, env=ENV)
 
 
 def losses(save_dir):
@@ -68,6 +68,30 @@ def test_ddp_and_fsdp2_match_one_rank(tmp_path, corpus):
         torchrun(2, "--save-dir", str(out), *common, "--sharding", sharding)
         assert json.loads((out / train.TRAIN_LOG).read_text())["sharding"] == sharding
         np.testing.assert_allclose(losses(out), losses(one), rtol=2e-5)
+
+
+PROBE = """
+import gc, sys
+import torch
+from pipeline import train
+gc.disable()  # only what main() itself freed counts
+assert train.main(sys.argv[1:]) == 0
+alive = sorted({type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.Module)})
+print("alive after main:", alive, flush=True)
+"""
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_a_rank_frees_what_it_built_on_the_group_before_it_exits(tmp_path, corpus, sharding):
+    # a model left to the interpreter's final garbage collection destroys gloo's work objects from a
+    # finalizing interpreter, which can abort a rank whose work is done and fail the run
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe),
+           "--save-dir", str(tmp_path / "out"), "--model", "gpt-j-smoke", "--data", str(corpus), "--steps", "2",
+           "--batch-size", "4", "--seq-len", "32", "--sharding", sharding]
+    proc = commands.run(cmd, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.count("alive after main: []") == 2, proc.stdout[-2000:]
 
 
 def test_fsdp2_resume_equals_uninterrupted(tmp_path, corpus):

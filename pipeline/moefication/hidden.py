@@ -176,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         join_shards(args.out / HIDDEN, [args.out / shard_name(r, part) for r, part, _ in parts],
                     model.config.n_layer, model.config.n_embd)
-    if world > 1:
-        dist.destroy_process_group()
+    del model
+    distributed.teardown(world)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(main)())  # record: a failing rank's traceback reaches torchrun's summary
