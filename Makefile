@@ -10,7 +10,7 @@ OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
              $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
 
 # `make moefy`: Corpus -> BaseModel -> ReluModel -> HiddenStates -> ExpertClusters -> Routers -> Moefied
-.PHONY: setup base relu moefy compress report status verify gc gc-dry-run test bench bench-moe clean-venv
+.PHONY: setup base relu moefy compress report status verify gc gc-dry-run test test-fast bench bench-moe clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,20 +37,24 @@ report: setup
 	$(LUIGI) Report $(OVERRIDES)
 
 status: setup
-	$(PY) -m pipeline.status $(OVERRIDES)
+	$(PY) -m tasks.status $(OVERRIDES)
 
 # status, rehashing every file of the current graph (not only those changed since last verified)
 verify: setup
-	$(PY) -m pipeline.status --verify $(OVERRIDES)
+	$(PY) -m tasks.status --verify $(OVERRIDES)
 
 gc: setup
-	$(PY) -m pipeline.gc $(OVERRIDES)
+	$(PY) -m tasks.gc $(OVERRIDES)
 
 gc-dry-run: setup
-	$(PY) -m pipeline.gc --dry-run $(OVERRIDES)
+	$(PY) -m tasks.gc --dry-run $(OVERRIDES)
 
 test: setup
 	$(PY) -m pytest -q
+
+# the unit tests: no stage chains, no torchrun (the edit-test loop)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(PY) bench/noop_rerun.py

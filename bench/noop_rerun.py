@@ -46,11 +46,11 @@ def main() -> None:
     rerun, proc = timed([sys.executable, "-m", "luigi", "--module", "tasks", TARGET], env, args.runs)
     if "ran successfully" in proc.stdout + proc.stderr:
         sys.exit("the graph was not up to date: the timed run built something")
-    status, _ = timed([sys.executable, "-m", "pipeline.status"], env, args.runs)
+    status, _ = timed([sys.executable, "-m", "tasks.status"], env, args.runs)
     bare, _ = timed([sys.executable, "-c", "import luigi.cmdline"], env, args.runs)
     print(f"median of {args.runs} runs")
     print(f"  no-op rerun (luigi --module tasks {TARGET}): {rerun:6.2f} s")
-    print(f"  python -m pipeline.status                   : {status:6.2f} s")
+    print(f"  python -m tasks.status                   : {status:6.2f} s")
     print(f"  bare interpreter + luigi import              : {bare:6.2f} s")
     print(f"  ratio no-op rerun / bare start-up            : {rerun / bare:6.1f}x")
     if tmp:

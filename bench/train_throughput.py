@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import train
-from pipeline.distill import BMDistill, lm_forward
+from pipeline import launch, train
+from pipeline.distill import BMDistill
 from pipeline.models import GPTJ
+from pipeline.models.gptj import lm_forward
+from pipeline.models.presets import resolve_model
 from timing import median_time
 
 
 def ranks_throughput(nproc: int, corpus: Path, out: Path, steps: int, model: str) -> float:
-    cmd = train.torchrun_command(["--save-dir", str(out), "--model", model, "--data", str(corpus),
+    cmd = launch.torchrun_command(["--save-dir", str(out), "--model", model, "--data", str(corpus),
                                   "--steps", str(steps), "--batch-size", "16", "--seq-len", "128",
                                   "--save-interval", "0", "--warmup", "2"], nproc)
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -32,7 +34,7 @@ def ranks_throughput(nproc: int, corpus: Path, out: Path, steps: int, model: str
 
 def teacher_share(steps: int, model: str) -> tuple[float, float, float]:
     torch.manual_seed(0)
-    config, _ = train.resolve_model(model)
+    config, _ = resolve_model(model)
     student, teacher = GPTJ(config.replace(activation="relu")), GPTJ(config)
     distill = BMDistill.set_forward(student, teacher, lm_forward, ce_logits=1.0)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)

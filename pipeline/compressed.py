@@ -30,12 +30,14 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from kernels.int8 import INT8_MAX, int8_backend, int_matmul
+from pipeline import methods
 from pipeline.artifacts import save_safetensors
-from pipeline.moefication.routed import check_topk, load_experts
-from pipeline.moefication.router import ROUTERS, Router
+from pipeline.moefication.experts import check_topk
+from pipeline.moefication.files import ROUTERS
 from pipeline.quant import INT8_WEIGHTS, Int8Linear, export_int8, load_int8
 
 EXPERTS = "experts.safetensors"
+COMPRESSED_DIR = "compressed"  # where a FinalCompressed artifact keeps its compressed model
 
 
 def int8_product(x: torch.Tensor, q_weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,7 @@ class Int8MoEFFN(nn.Module):
     ``dense_out`` (fbgemm's packed int8 GEMM, or the exact layers) over every neuron, with the
     same per-token expert mask."""
 
-    def __init__(self, fc_in: QLinear, fc_out: QLinear, router: Router, topk: int,
+    def __init__(self, fc_in: QLinear, fc_out: QLinear, router: nn.Module, topk: int,
                  dense_in: nn.Module | None = None, dense_out: nn.Module | None = None, dense_above: float = 0.5):
         super().__init__()
         self.dense_in, self.dense_out, self.dense_above = dense_in or fc_in, dense_out or fc_out, dense_above
@@ -151,7 +153,7 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
     model = copy.deepcopy(model).cpu().float()
     moe = None
     if routers is not None:
-        layers = load_experts(model, routers)
+        layers = methods.use("moe").load_experts(model, routers)
         check_topk(topk or 0, layers[0][1].b.weight.shape[0])
         router_tensors, permutations = {}, {}
         for i, (block, (labels, router)) in enumerate(zip(model.transformer.h, layers)):
@@ -199,7 +201,7 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
     if moe:
         if not (path / ROUTERS).is_file():
             raise FileNotFoundError(f"{path / ROUTERS} is missing: {path / 'config.json'} describes a MoE model")
-        routers = load_file(str(path / ROUTERS))
+        routers, Router = load_file(str(path / ROUTERS)), methods.use("moe").Router
         for i, block in enumerate(model.transformer.h):
             a = routers[f"layer_{i:03d}.a"].float()
             router = Router(a.shape[1], moe["num_expert"])

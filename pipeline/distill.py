@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.models.gptj import lm_forward
+
 
 @dataclasses.dataclass
 class DistillConfig:
@@ -32,14 +34,6 @@ class DistillConfig:
     @property
     def active(self) -> bool:
         return self.needs_states or bool(self.ce_logits)
-
-
-def lm_forward(model, input_ids, targets, output_states=False):
-    """The plain language-model forward: (cross-entropy loss, model output)."""
-    out = model(input_ids, output_states=output_states)
-    logits = out.logits if output_states else out
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    return loss, out
 
 
 def layer_map(n_student: int, n_teacher: int) -> list[int]:

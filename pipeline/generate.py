@@ -17,8 +17,8 @@ import torch
 
 from pipeline import cli
 from pipeline.cli import UsageError
+from pipeline.compressed import COMPRESSED_DIR
 
-COMPRESSED_DIR = "compressed"
 TOKENIZER = "tokenizer.json"
 
 
@@ -56,7 +56,7 @@ def load_model(path: Path, moe_path: str = "auto"):
     from pipeline.models import from_pretrained
     from pipeline.models.config import CheckpointError
     from pipeline.moefication import BMMoE
-    from pipeline.moefication.router import ROUTERS
+    from pipeline.moefication.files import ROUTERS
 
     try:
         if is_compressed(path):

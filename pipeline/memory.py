@@ -66,7 +66,7 @@ def available_memory(device_type: str, local_world_size: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.train import resolve_model
+    from pipeline.models.presets import resolve_model
 
     p = argparse.ArgumentParser(prog="python -m pipeline.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-memory-gb", type=float, default=80.0)
     p.add_argument("--teacher", help="a teacher model name: distilling holds it too")
     args = p.parse_args(argv)
-    config, _ = resolve_model(args.model)
-    teacher = resolve_model(args.teacher)[0] if args.teacher else None
+    try:
+        config, _ = resolve_model(args.model)
+        teacher = resolve_model(args.teacher)[0] if args.teacher else None
+    except ValueError as e:
+        p.error(str(e))
     result = plan(config, args.world_size, args.sharding, args.batch_per_rank, args.seq_len, args.compute_bytes,
                   args.device_memory_gb * GB, teacher)
     print(f"{args.model} ({config.num_params() / 1e9:.2f}e9 parameters), {args.sharding} over {args.world_size} "

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from kernels.sparsity import get_mask_function, short_lines
 from pipeline.artifacts import save_safetensors
 
 PRUNING_MASKS = "pruning_masks.safetensors"
@@ -53,8 +54,6 @@ def search_masks(state: dict[str, torch.Tensor], prune_func: str, targets=DEFAUL
     ``neuron_order`` (per layer, the MoE's neuron permutation) the FFN masks are searched on the
     weights in the order the MoE runs them, so the 2:4 groups stay whole after the permutation,
     and stored in the model's order."""
-    from kernels import get_mask_function, short_lines
-
     func = get_mask_function(prune_func)
     masks, per_matrix = {}, {}
     for name in sorted(n for n in state if any(fnmatch.fnmatchcase(n, t) for t in targets)):
@@ -88,8 +87,6 @@ class BMPrune:
         """Masks for ``model``'s target weights (``prune_func``: a mask function or its name),
         loaded from ``checkpoint`` when it exists, else computed and saved there; the weights are
         pruned at once. Returns the masks by parameter name."""
-        from kernels import get_mask_function
-
         weights = target_weights(model, targets)
         if not weights:
             raise ValueError(f"no weight of the model matches the pruning targets {', '.join(targets)}")

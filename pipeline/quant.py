@@ -1,8 +1,8 @@
 """BMQuant: quantization-aware training with the int8 GEMM, and the real int8 model it exports.
 
-``BMQuant.quantize(model)`` flips the ``int8`` flag of every linear layer (or of those whose
-qualified name matches one of ``patterns``); training then runs the int8 forward and the
-straight-through int8 backward of ``kernels.bmm``. ``export_int8`` writes int8 weights with one
+``BMQuant.quantize(model)`` replaces every linear layer (or those whose qualified name matches
+one of ``patterns``) by a ``QATLinear`` holding the same parameters; training then runs the int8
+forward and the straight-through backward of ``kernels.bmm``. ``export_int8`` writes int8 weights with one
 fp16 scale per output row; ``load_int8`` gives back a model whose linear layers run a real int8
 kernel (``torch._int_mm`` via oneDNN on CPU, cuBLASLt on GPU).
 """
@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from kernels.gemm import GRADS, linear
 from kernels.int8 import int_matmul, int8_backend, rescale, scale_and_quantize
 from pipeline.models.config import GPTJConfig, checkpoint_config
 from pipeline.models.gptj import GPTJ
@@ -26,31 +27,44 @@ INT8_WEIGHTS = "model.int8.safetensors"
 FORMAT = "bmcook-pipeline-int8/1"
 
 
+class QATLinear(nn.Linear):
+    """A linear layer trained quantization-aware: the int8 GEMM forward (``kernels.linear``) with
+    the ``grad`` backward, "float" (straight-through in fp32) or "int8" (cpm_kernels')."""
+
+    def __init__(self, linear: nn.Linear, grad: str):
+        with torch.device("meta"):
+            super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.weight, self.bias, self.grad = linear.weight, linear.bias, grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, int8=True, grad=self.grad)
+
+
 class BMQuant:
     @staticmethod
     def quantize(model: nn.Module, patterns: list[str] | None = None, grad: str = "float") -> list[str]:
-        """Switch linear layers to the int8 path; returns the names switched. ``patterns`` are
-        fnmatch patterns over qualified module names (default: every layer with an ``int8`` flag).
-        ``grad``: the backward, "float" (straight-through in fp32) or "int8" (cpm_kernels')."""
-        from kernels.gemm import GRADS
-
+        """Replace linear layers by ``QATLinear`` (the same parameters, on the int8 path); returns
+        the names replaced. ``patterns`` are fnmatch patterns over qualified module names
+        (default: every linear layer). ``grad``: the backward, "float" or "int8"."""
         if grad not in GRADS:
             raise ValueError(f"BMQuant.quantize: grad {grad!r} is not one of {', '.join(GRADS)}")
         chosen = []
         for name, module in model.named_modules():
             if patterns is None:
-                if hasattr(module, "int8"):
-                    chosen.append((name, module))
+                if isinstance(module, nn.Linear):
+                    chosen.append(name)
             elif any(fnmatch.fnmatchcase(name, p) for p in patterns):
-                if not hasattr(module, "int8") or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                if not isinstance(module, nn.Linear):
                     raise ValueError(f"BMQuant.quantize: module '{name}' ({type(module).__name__}) is not a "
-                                     f"linear layer with a weight and an int8 flag, so it cannot run in int8")
-                chosen.append((name, module))
+                                     f"linear layer with a weight, so it cannot run in int8")
+                chosen.append(name)
         if not chosen:
             raise ValueError(f"BMQuant.quantize: no linear layer matches {patterns or 'any name'}")
-        for _, module in chosen:
-            module.int8, module.int8_grad = True, grad
-        return [name for name, _ in chosen]
+        for name in chosen:
+            parent, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, leaf, QATLinear(getattr(owner, leaf), grad))
+        return chosen
 
 
 class Int8Linear(nn.Module):

@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -27,14 +26,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline import cli, distributed, memory
+from pipeline import cli, distributed, memory, methods
 from pipeline.cli import UsageError
 from pipeline.data import load_tokens
-from pipeline.distill import BMDistill, DistillConfig, lm_forward
-from pipeline.models import GPTJ, GPTJConfig, checkpoint_config, get_preset, load_state_dict_from_dir, save_pretrained
-from pipeline.moefication.routed import route_experts
-from pipeline.prune import PRUNING_MASKS, BMPrune
-from pipeline.quant import BMQuant
+from pipeline.models import GPTJ, GPTJConfig, presets, save_pretrained
+from pipeline.models.gptj import lm_forward
+from pipeline.models.hf import read_weights
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.json"
@@ -83,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-pruning", action="store_true", help="train with 2:4 masks held on the FFN and attention weights")
     p.add_argument("--prune-func", default="m4n2_2d_greedy", help="m4n2_1d, m4n2_2d_greedy or m4n2_2d_best")
     p.add_argument("--pruning-mask", type=Path,
-                   help=f"mask checkpoint: loaded when it exists, else computed and saved (default: SAVE_DIR/{PRUNING_MASKS})")
+                   help="mask checkpoint: loaded when it exists, else computed and saved (default: SAVE_DIR/pruning_masks.safetensors)")
     # MoE routing active (BMMoE)
     p.add_argument("--moe", type=Path,
                    help="a Routers artifact directory (clusters and routers): train with every FFN computing only "
@@ -93,49 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-hidden", action="store_true")
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a crash
     return p
-
-
-def resolve_model(name: str) -> tuple[GPTJConfig, bool]:
-    """(architecture, int8) for a model name of the seed or of this project."""
-    base, int8, relu = name, False, False
-    if base.endswith("-int8"):
-        base, int8 = base[: -len("-int8")], True
-    if base.endswith("-relu"):
-        base, relu = base[: -len("-relu")], True
-    if base == "gpt-j-full":
-        config = get_preset("gpt-j")
-    elif base == "gpt-j":
-        config = get_preset("gpt-j").replace(n_layer=14)  # the seed's distilled student
-    else:
-        try:
-            config = get_preset(base)
-        except ValueError:
-            raise UsageError(f"--model {name!r} is not a known model; use gpt-j-full[-relu][-int8], "
-                             f"gpt-j[-int8], or gpt-j-tiny / gpt-j-smoke with optional -relu / -int8") from None
-    return (config.replace(activation="relu") if relu else config), int8
-
-
-def read_weights(path: Path, what: str) -> tuple[dict, GPTJConfig | None]:
-    """(state dict, config or None) from a model directory, a .safetensors file or a weights-only
-    pickle; never unpickles anything but tensors."""
-    if not path.exists():
-        raise UsageError(f"{what} {path} does not exist")
-    if path.is_dir():
-        return load_state_dict_from_dir(path), checkpoint_config(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise UsageError(f"{what} {path} is not a weights-only checkpoint; refusing to unpickle it "
-                         f"({str(e).splitlines()[0]})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"{what} {path} does not hold a state dict of tensors")
-    return state, None
 
 
 def is_student_of(student: GPTJConfig, teacher: GPTJConfig) -> bool:
@@ -150,7 +104,7 @@ def build_model(config: GPTJConfig, state: dict | None, what: str, path: Path | 
         return model
     n_layers = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("transformer.h.")), default=-1)
     if n_layers > config.n_layer and n_layers % config.n_layer == 0:
-        BMDistill.init_student(model, state)  # the seed's 14-layer gpt-j from the 28-layer weights
+        methods.use("distill").BMDistill.init_student(model, state)  # the seed's 14-layer gpt-j from the 28-layer weights
         return model
     expected = model.state_dict()
     for key, tensor in expected.items():
@@ -193,6 +147,13 @@ def batch_at(tokens: np.ndarray, step: int, part: int, n: int, seq_len: int, see
     return chunk[:, :-1], chunk[:, 1:]
 
 
+def resolve_model(name: str) -> tuple[GPTJConfig, bool]:
+    try:
+        return presets.resolve_model(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def check_args(args, world: int) -> None:
     for flag, feature in LATER.items():
         if getattr(args, flag):
@@ -209,16 +170,14 @@ def check_args(args, world: int) -> None:
     if args.moe is not None and args.moe_topk is None:
         raise UsageError("--moe needs --moe-topk (how many experts each token uses)")
     if args.use_pruning:
-        from kernels import get_mask_function
-
         try:
-            get_mask_function(args.prune_func)
+            methods.use("prune").get_mask_function(args.prune_func)
         except ValueError as e:
             raise UsageError(f"--prune-func: {e}") from None
 
 
-def distill_config(args) -> DistillConfig:
-    return DistillConfig(ce_logits=args.kd_ce_logits, temp=args.kd_temp, mse_last_hidden=args.kd_mse_last_hidden,
+def distill_config(args):
+    return methods.use("distill").DistillConfig(ce_logits=args.kd_ce_logits, temp=args.kd_temp, mse_last_hidden=args.kd_mse_last_hidden,
                          mse_hidden=args.kd_mse_hidden, mse_att=args.kd_mse_att, mse_emb=args.kd_mse_emb,
                          loss_scale=args.kd_loss_scale)
 
@@ -328,23 +287,25 @@ def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teac
 
     torch.manual_seed(args.seed)
     model = build_model(config, student_state, "--load", args.load).to(device).train()
-    if args.use_pruning:  # every rank computes (or loads) the same masks; rank 0 writes them
-        mask_path = args.pruning_mask or args.save_dir / PRUNING_MASKS
+    prune = methods.use("prune") if args.use_pruning else None
+    if prune:  # every rank computes (or loads) the same masks; rank 0 writes them
+        mask_path = args.pruning_mask or args.save_dir / prune.PRUNING_MASKS
         try:
-            BMPrune.compute_mask(model, args.prune_func, checkpoint=mask_path if rank == 0 or mask_path.exists() else None)
+            prune.BMPrune.compute_mask(model, args.prune_func, checkpoint=mask_path if rank == 0 or mask_path.exists() else None)
         except ValueError as e:
             raise UsageError(str(e)) from None
     if args.moe is not None:
         try:
-            route_experts(model, args.moe, args.moe_topk)
+            methods.use("moe").route_experts(model, args.moe, args.moe_topk)
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"--moe: {e}") from None
     if int8:
-        BMQuant.quantize(model, grad=args.int8_grad)
+        methods.use("quant").BMQuant.quantize(model, grad=args.int8_grad)
     extra_params: list = []
     if args.use_kd:
         teacher = build_model(teacher_cfg, teacher_state, "--load-teacher", args.load_teacher).to(device, dtype)
-        distiller = BMDistill.set_forward(model, teacher, lm_forward, distill_config(args)).to(device)
+        distill = methods.use("distill")
+        distiller = distill.BMDistill.set_forward(model, teacher, lm_forward, distill_config(args)).to(device)
         extra_params = list(distiller.project.parameters())
     tokens = load_tokens(args.data / "train.npy")
     if len(tokens) <= args.seq_len + 1:
@@ -362,8 +323,8 @@ def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teac
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.start_lr, betas=(0.9, 0.95))
-    if args.use_pruning:
-        BMPrune.set_optim_for_pruning(optimizer, model)
+    if prune:
+        prune.BMPrune.set_optim_for_pruning(optimizer, model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and sharding != "fsdp"
                 else contextlib.nullcontext())
@@ -427,22 +388,6 @@ def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teac
                 {"loss": log, "tokens_seen": args.steps * args.batch_size * args.seq_len, "world_size": world,
                  "sharding": sharding, "wall_time_s": round(time.time() - start, 2),
                  "tokens_this_run": (args.steps - first_step) * args.batch_size * args.seq_len}) + "\n")
-
-
-def torchrun_command(args: list[str], nproc_per_node: int = 1, nnodes: int = 1, rdzv_endpoint: str = "",
-                     rdzv_id: str = "pipeline", module: str = "pipeline.train", log_dir: Path | None = None) -> list[str]:
-    """The command that runs ``module`` (by default this entry point) under torchrun (the
-    interpreter's own torch.distributed.run). With ``log_dir``, every rank's stdout and stderr
-    also go to files of their own there (``<run>/attempt_0/<rank>/stdout.log``), as well as to
-    the console with a ``[default<rank>]:`` prefix."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}"]
-    if nnodes == 1 and not rdzv_endpoint:
-        cmd.append("--standalone")
-    else:
-        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
-    if log_dir is not None:
-        cmd += [f"--log-dir={log_dir}", "--tee=3"]
-    return cmd + ["-m", module, *args]
 
 
 if __name__ == "__main__":

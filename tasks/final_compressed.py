@@ -21,7 +21,7 @@ from tasks.pruning_masks import PruningMasks
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
 from tasks.stage import pipeline_settings
-from tasks.training import TrainingStage, train_model_name
+from tasks.training import KD, TrainingStage, train_model_name, unused_distill_params
 
 TOGGLES = ("int8", "pruning", "moe", "distill")
 
@@ -31,8 +31,7 @@ def toggle(description: str):
 
 
 class FinalCompressed(TrainingStage):
-    TRAINING = TrainingStage.TRAINING + ("kd_ce_logits", "kd_temp", "kd_mse_last_hidden", "kd_mse_hidden",
-                                         "kd_loss_scale", "act_l1", "int8_grad")
+    TRAINING = TrainingStage.TRAINING + KD + ("act_l1", "int8_grad")
     int8 = toggle("int8 quantization-aware training (BMQuant)")
     pruning = toggle("hold the PruningMasks 2:4 masks (BMPrune)")
     moe = toggle("fine-tune the ReLU model with MoE routing active (BMMoE); false: the base model, dense")
@@ -59,6 +58,14 @@ class FinalCompressed(TrainingStage):
             ups["PruningMasks"] = PruningMasks(moefication=self.moe)
         return ups
 
+    def methods(self) -> tuple[str, ...]:
+        chosen = {"int8": ("quant", "compressed"), "pruning": ("prune",), "moe": ("moe",), "distill": ("distill",)}
+        return tuple(m for t in TOGGLES if getattr(self, t) for m in chosen[t])
+
+    def unused_params(self) -> set[str]:
+        """The training parameters that cannot change this run's output under its toggles."""
+        return unused_distill_params(self, self.distill) | (set() if self.int8 else {"int8_grad"})
+
     def effective_params(self) -> dict:
         return {**self.training_params(), **{t: getattr(self, t) for t in TOGGLES}, "eval_tokens": self.eval_tokens}
 
@@ -76,9 +83,7 @@ class FinalCompressed(TrainingStage):
         return self.training_needs(base, teacher=base if self.distill else 0.0, export_int8=self.int8)
 
     def build(self, build, inputs) -> None:
-        from pipeline.moefication.clustering import CLUSTERS
-        from pipeline.moefication.router import ROUTERS
-        from pipeline.prune import PRUNING_MASKS
+        from pipeline import methods
 
         corpus, base = inputs["Corpus"], inputs["BaseModel"]
         student = inputs["ReluModel"] if self.moe else base
@@ -89,35 +94,33 @@ class FinalCompressed(TrainingStage):
         if self.pruning:
             masks = inputs["PruningMasks"]
             args += ["--use-pruning", "--prune-func", masks.metrics["prune_func"],
-                     "--pruning-mask", str(masks.file(PRUNING_MASKS))]
+                     "--pruning-mask", str(masks.file(methods.use("prune").PRUNING_MASKS))]
         topk = None
         if self.moe:
             routers = inputs["Routers"]
             topk = routers.metrics["topk"]
             args += ["--moe", str(routers.path), "--moe-topk", str(topk)]
-            for file in (CLUSTERS, ROUTERS):
+            moe = methods.use("moe")
+            for file in (moe.CLUSTERS, moe.ROUTERS):
                 shutil.copyfile(routers.file(file), build.path / file)
         self.train(build, *args)
         shutil.copyfile(corpus.file("tokenizer.json"), build.path / "tokenizer.json")
         self.evaluate(build, inputs, topk)
 
     def evaluate(self, build, inputs, topk) -> None:
-        from pipeline.compressed import export_compressed, load_compressed
+        from pipeline import methods
         from pipeline.data import load_tokens
         from pipeline.evaluate import perplexity
-        from pipeline.generate import COMPRESSED_DIR
         from pipeline.models import from_pretrained
-        from pipeline.moefication.routed import route_experts
-        from pipeline.quant import BMQuant
 
         base = inputs["BaseModel"]
         valid = load_tokens(inputs["Corpus"].file("valid.npy"))
         model = from_pretrained(build.path)
         trained = copy.deepcopy(model)  # as it ran in training: int8 GEMMs, routed FFNs
         if self.moe:
-            route_experts(trained, build.path, topk)
+            methods.use("moe").route_experts(trained, build.path, topk)
         if self.int8:
-            BMQuant.quantize(trained)
+            methods.use("quant").BMQuant.quantize(trained)
         teacher_bytes = base.file("model.safetensors").stat().st_size
         metrics = {"variant": self.variant, "toggles": {t: getattr(self, t) for t in TOGGLES}, "moe_topk": topk,
                    "hf_bytes": (build.path / "model.safetensors").stat().st_size, "teacher_bytes": teacher_bytes}
@@ -128,11 +131,12 @@ class FinalCompressed(TrainingStage):
             metrics.update(teacher_valid_perplexity=round(teacher, 4), valid_perplexity=round(ppl, 4),
                            perplexity_ratio=round(ppl / teacher, 4))
             if self.int8:
-                out = build.path / COMPRESSED_DIR
-                sizes = export_compressed(model, out, build.path if self.moe else None, topk, calibrate=True)
+                compressed = methods.use("compressed")
+                out = build.path / compressed.COMPRESSED_DIR
+                sizes = compressed.export_compressed(model, out, build.path if self.moe else None, topk, calibrate=True)
                 shutil.copyfile(build.path / "tokenizer.json", out / "tokenizer.json")
                 # as deployed (fbgemm, the measured dense/sparse crossover), and in QAT's arithmetic
-                deployed, exact = (perplexity(load_compressed(out, exact=e), valid, self.seq_len,
+                deployed, exact = (perplexity(compressed.load_compressed(out, exact=e), valid, self.seq_len,
                                               max_tokens=self.eval_tokens, desc="compressed")["perplexity"]
                                    for e in (False, True))
                 metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"],

@@ -10,6 +10,7 @@ from tasks.stage import Stage, pipeline_settings, run_logged
 
 
 class HiddenStates(Stage):
+    ENTRY = "pipeline.moefication.hidden"
     token_budget = luigi.IntParameter(default=65536, description="tokens to run through the model")
     heldout_fraction = luigi.FloatParameter(default=0.1, description="share of the budget taken from the valid split")
     seq_len = luigi.IntParameter(default=128)
@@ -50,8 +51,9 @@ class HiddenStates(Stage):
     def build(self, build, inputs) -> None:
         import h5py
 
-        from pipeline import train
-        from pipeline.moefication.hidden import HIDDEN, plan_windows
+        from pipeline import launch
+        from pipeline.moefication.files import HIDDEN
+        from pipeline.moefication.hidden import plan_windows
 
         settings = pipeline_settings()
         plan_windows(inputs["Corpus"].path, self.seq_len, self.token_budget, self.heldout_fraction)  # fits the corpus?
@@ -62,8 +64,8 @@ class HiddenStates(Stage):
                 "--out", str(build.path), "--token-budget", str(self.token_budget),
                 "--heldout-fraction", str(self.heldout_fraction), "--seq-len", str(self.seq_len),
                 "--batch-size", str(self.batch_size), "--part-tokens", str(self.part_tokens)]
-        cmd = train.torchrun_command(args, settings.nproc_per_node, settings.nnodes, settings.rdzv_endpoint,
-                                     module="pipeline.moefication.hidden", log_dir=build.rank_logs)
+        cmd = launch.torchrun_command(args, settings.nproc_per_node, settings.nnodes, settings.rdzv_endpoint,
+                                      module=self.ENTRY, log_dir=build.rank_logs)
         with build.timed("dump"):
             run_logged(cmd, build.path / "dump.log")
         with h5py.File(build.path / HIDDEN, "r") as f:

@@ -28,7 +28,7 @@ class PruningMasks(Stage):
         from safetensors.torch import load_file, save_file
 
         from pipeline.models import load_state_dict_from_dir
-        from pipeline.moefication.clustering import CLUSTERS
+        from pipeline.moefication.files import CLUSTERS
         from pipeline.prune import PRUNING_MASKS, search_masks
 
         source = inputs["ReluModel" if self.moefication else "BaseModel"]

@@ -9,12 +9,11 @@ import luigi
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus
 from tasks.stage import pipeline_settings
-from tasks.training import TrainingStage, train_model_name
+from tasks.training import KD, TrainingStage, train_model_name, unused_distill_params
 
 
 class ReluModel(TrainingStage):
-    TRAINING = TrainingStage.TRAINING + ("kd_ce_logits", "kd_temp", "kd_mse_last_hidden", "kd_mse_hidden",
-                                         "kd_loss_scale", "act_l1")
+    TRAINING = TrainingStage.TRAINING + KD + ("act_l1",)
     steps = luigi.IntParameter(default=400)
     start_lr = luigi.FloatParameter(default=5e-4)
     weight_decay = luigi.FloatParameter(default=0.0)
@@ -28,6 +27,12 @@ class ReluModel(TrainingStage):
 
     def upstream(self):
         return {"Corpus": Corpus(), "BaseModel": BaseModel()}
+
+    def methods(self) -> tuple[str, ...]:
+        return ("distill",)
+
+    def unused_params(self) -> set[str]:
+        return unused_distill_params(self, distill=True)
 
     def effective_params(self) -> dict:
         return {**self.training_params(), "eval_tokens": self.eval_tokens}

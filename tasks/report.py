@@ -35,6 +35,9 @@ class Report(Stage):
             ups[name] = FinalCompressed(int8=int8, pruning=pruning, moe=moe, distill=distill)
         return ups
 
+    def methods(self) -> tuple[str, ...]:
+        return ("compressed", "moe", "quant")  # the int8 baseline and the int8 MoE rows
+
     def effective_params(self) -> dict:
         if self.eval_tokens < self.seq_len or self.rounds < 1:
             raise ValueError(f"Report eval_tokens is {self.eval_tokens} and rounds {self.rounds}: expected "
@@ -52,14 +55,12 @@ class Report(Stage):
     def build(self, build, inputs) -> None:
         import torch
 
-        from pipeline.compressed import export_compressed, load_compressed
+        from pipeline.compressed import COMPRESSED_DIR, export_compressed, load_compressed
         from pipeline.data import load_tokens
         from pipeline.evaluate import perplexity
-        from pipeline.generate import COMPRESSED_DIR
         from pipeline.models import from_pretrained
         from pipeline.moefication import BMMoE
-        from pipeline.moefication.clustering import CLUSTERS
-        from pipeline.moefication.router import ROUTERS
+        from pipeline.moefication.files import CLUSTERS, ROUTERS
         from pipeline.report import SPEED_TOKENS, tokens_per_second, write_markdown
 
         base, relu, routers = inputs["BaseModel"], inputs["ReluModel"], inputs["Routers"]

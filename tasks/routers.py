@@ -43,11 +43,9 @@ class Routers(Stage):
         from safetensors.torch import load_file
 
         from pipeline.models import load_state_dict_from_dir
-        from pipeline.moefication.hidden import HIDDEN
-        from pipeline.moefication.clustering import CLUSTERS
-        from pipeline.moefication.mlp_select import check_clusters, fc_in_biases, save_routers, train_routers
-        from pipeline.moefication.param_cluster import TEMPLATE, fc_in_weights
-        from pipeline.moefication.router import ROUTERS
+        from pipeline.moefication.files import CLUSTERS, HIDDEN, ROUTERS
+        from pipeline.moefication.mlp_select import check_clusters, save_routers, train_routers
+        from pipeline.moefication.param_cluster import TEMPLATE, fc_in_biases, fc_in_weights
 
         state = load_state_dict_from_dir(inputs["ReluModel"].path)
         weights = fc_in_weights(state, TEMPLATE, pipeline_settings().architecture().n_layer)

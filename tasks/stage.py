@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import subprocess
 import sys
 from collections import deque
@@ -51,16 +52,41 @@ class pipeline_settings(luigi.Config):
 
 
 @functools.lru_cache(maxsize=None)
-def _code(module: str, exclude: tuple[str, ...]) -> dict:
-    return code_files([module], exclude)
+def _code(modules: tuple[str, ...], exclude: tuple[str, ...]) -> dict:
+    return code_files(list(modules), exclude)
+
+
+def _stage_modules() -> set[str]:
+    """The modules that define a stage (a Stage subclass with its own ``build``)."""
+    found, todo = set(), [Stage]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if "build" in vars(cls) and cls is not Stage:
+            found.add(cls.__module__)
+    return found
 
 
 class Stage(luigi.Task):
     """Base of every pipeline stage. Subclasses implement ``effective_params`` and ``build``,
-    and ``upstream`` when they consume other stages."""
+    and ``upstream`` when they consume other stages.
+
+    The version covers the stage's module and what it imports, the module it runs in a
+    subprocess (``ENTRY``) and the methods its parameters turn on (``methods``)."""
+
+    ENTRY: str | None = None  # the module the stage runs under torchrun, if any
 
     def upstream(self) -> dict[str, "Stage"]:
         return {}
+
+    def methods(self) -> tuple[str, ...]:
+        """The compression methods (``pipeline.methods``) this stage's parameters turn on."""
+        return ()
+
+    def code_modules(self) -> tuple[str, ...]:
+        from pipeline.methods import modules
+
+        return (type(self).__module__, *([self.ENTRY] if self.ENTRY else []), *modules(self.methods()))
 
     def effective_params(self) -> dict:
         raise NotImplementedError
@@ -75,10 +101,12 @@ class Stage(luigi.Task):
     def spec(self) -> StageSpec:
         if getattr(self, "_spec", None) is None:
             ups = self.upstream()
-            exclude = tuple(sorted(type(t).__module__ for t in ups.values()))
+            # other stages' modules: an upstream's version covers its code, and a stage class that
+            # this one only names (to build the graph) runs none of its code here
+            exclude = tuple(sorted(_stage_modules() - {type(self).__module__}))
             self._spec = StageSpec(stage=self.stage_name, params=self.effective_params(),
                                    upstream={name: t.version for name, t in sorted(ups.items())},
-                                   code=_code(type(self).__module__, exclude))
+                                   code=_code(self.code_modules(), exclude))
         return self._spec
 
     @property
@@ -153,13 +181,21 @@ class Stage(luigi.Task):
                     {k: v for k, v in build.metrics.items() if not isinstance(v, (list, dict))})
 
     def _build_logged(self, build: Build, inputs: dict[str, Artifact]) -> None:
+        from pipeline.methods import DECLARED_ENV
+
         handler = logging.FileHandler(build.path / "stage.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
+        before = os.environ.get(DECLARED_ENV)
+        os.environ[DECLARED_ENV] = ",".join(self.methods())  # what pipeline.methods.use may load, ranks included
         try:
             logger.info("%s %s: building in %s", self.stage_name, self.version, build.path)
             self.build(build, inputs)
         finally:
+            if before is None:
+                os.environ.pop(DECLARED_ENV, None)
+            else:
+                os.environ[DECLARED_ENV] = before
             logger.removeHandler(handler)
             handler.close()
 
@@ -173,7 +209,12 @@ Stage.event_handler(luigi.Event.FAILURE)(_report)
 
 
 class CommandFailed(RuntimeError):
-    """A stage's subprocess (torchrun) failed; the message holds the tail of its output."""
+    """A stage's subprocess (torchrun) failed; the message holds the tail of its output, and
+    ``output`` all of it."""
+
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output
 
 
 # failures the user can act on from their message alone; others (bugs) keep their traceback
@@ -218,6 +259,7 @@ def run_logged(cmd: list[str], log_path: Path) -> None:
     """Run ``cmd``, streaming its output to the console and to ``log_path``; raise with the tail of
     the output when it fails."""
     tail: deque[str] = deque(maxlen=20)
+    lines: list[str] = []
     logger.info("running: %s", " ".join(cmd))
     with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True, bufsize=1,
@@ -226,9 +268,10 @@ def run_logged(cmd: list[str], log_path: Path) -> None:
             sys.stdout.write(line)
             log.write(line)
             tail.append(line)
+            lines.append(line)
         code = proc.wait()
     if code != 0:
-        raise CommandFailed(f"command failed with exit code {code}: {' '.join(cmd)}\n" + "".join(tail))
+        raise CommandFailed(f"command failed with exit code {code}: {' '.join(cmd)}\n" + "".join(tail), "".join(lines))
 
 
 def graph(targets: list[Stage]) -> list[Stage]:

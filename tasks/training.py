@@ -27,9 +27,19 @@ class TrainingStage(Stage):
     log_interval = luigi.IntParameter(default=10)
     save_interval = luigi.IntParameter(default=50, description="steps between resumable checkpoints")
 
+    ENTRY = "pipeline.train"
+
+    def unused_params(self) -> set[str]:
+        """Names in ``TRAINING`` that cannot change this run's output under its other settings:
+        neither passed to training nor in the version."""
+        return set()
+
+    def training_flags(self) -> list[str]:
+        return [name for name in self.TRAINING if name not in self.unused_params()]
+
     def training_params(self) -> dict:
         """The training parameters, checked, with the world size they run on."""
-        params = {name: getattr(self, name) for name in self.TRAINING}
+        params = {name: getattr(self, name) for name in self.training_flags()}
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             if params[name] <= 0:
                 raise ValueError(f"{self.stage_name} {name} is {params[name]}, expected a positive integer")
@@ -44,30 +54,52 @@ class TrainingStage(Stage):
     def train(self, build, *args: str) -> None:
         """Run pipeline.train with ``args`` and this stage's training parameters; record its metrics."""
         flags = [*args, "--log-interval", str(self.log_interval), "--save-interval", str(self.save_interval)]
-        for name in self.TRAINING:
+        for name in self.training_flags():
             flags += ["--" + name.replace("_", "-"), str(getattr(self, name))]
-        build.metrics.update(run_training(build, flags, self.log_interval))
+        build.metrics.update(run_training(build, flags, self.log_interval, self.ENTRY))
 
 
-def run_training(build, train_args: list[str], log_interval: int) -> dict:
-    """Train into the build's directory; return the metrics every training stage records."""
-    from pipeline import train
+KD = ("kd_ce_logits", "kd_temp", "kd_mse_last_hidden", "kd_mse_hidden", "kd_loss_scale")  # BMDistill's terms
+
+
+def unused_distill_params(stage, distill: bool) -> set[str]:
+    """The distillation parameters that cannot change ``stage``'s output: all without distillation;
+    the temperature when the logits term is off (it only softens the logits)."""
+    if not distill:
+        return set(KD)
+    return set() if stage.kd_ce_logits else {"kd_temp"}
+
+
+def rank_signal(output: str) -> str | None:
+    """The signal that ended a rank, from torchrun's failure summary: the root cause's, else any
+    rank's but the SIGTERM that torchrun sends the other ranks once one has failed (the root
+    cause is the first failure torchrun recorded, which can be a survivor's error about the
+    killed peer)."""
+    signals = re.findall(r"Signal \d+ \((SIG\w+)\)", output.split("Root Cause")[-1])
+    signals += [s for s in re.findall(r"Signal \d+ \((SIG\w+)\)", output) if s != "SIGTERM"]
+    return signals[0] if signals else None
+
+
+def run_training(build, train_args: list[str], log_interval: int, entry: str) -> dict:
+    """Train into the build's directory with the ``entry`` module; return the metrics every
+    training stage records."""
+    from pipeline import launch
+    from pipeline.train import CHECKPOINT, TRAIN_LOG
 
     settings = pipeline_settings()
-    cmd = train.torchrun_command(["--save-dir", str(build.path), *train_args], settings.nproc_per_node,
-                                 settings.nnodes, settings.rdzv_endpoint, log_dir=build.rank_logs)
+    cmd = launch.torchrun_command(["--save-dir", str(build.path), *train_args], settings.nproc_per_node,
+                                  settings.nnodes, settings.rdzv_endpoint, module=entry, log_dir=build.rank_logs)
     try:
         with build.timed("train"):
             run_logged(cmd, build.path / "train.log")
-    except RuntimeError as e:
-        resume = build.resume_dir / train.CHECKPOINT
+    except CommandFailed as e:
+        resume = build.resume_dir / CHECKPOINT
         where = (f"a rerun resumes from the checkpoint in {resume}" if resume.is_file()
                  else "no checkpoint was saved yet, so a rerun starts the training again")
-        # torchrun's summary names the first failure under "Root Cause"; other ranks then got SIGTERM
-        killed = re.search(r"Signal (\d+) \((SIG\w+)\)", str(e).split("Root Cause")[-1])
-        cause = f"a training rank was killed by {killed.group(2)}" if killed else "training failed"
+        killed = rank_signal(e.output)
+        cause = f"a training rank was killed by {killed}" if killed else "training failed"
         raise CommandFailed(f"{cause}; {where} (each rank's output: {build.rank_logs}). {e}") from None
-    log = json.loads((build.path / train.TRAIN_LOG).read_text())
+    log = json.loads((build.path / TRAIN_LOG).read_text())
     steps = log["loss"][-1][0]
     return {
         "tokens_seen": log["tokens_seen"], "train_wall_time_s": log["wall_time_s"],

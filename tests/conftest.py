@@ -33,7 +33,7 @@ class Project:
         return self.run("-m", "luigi", "--module", "tasks", *args, check=check)
 
     def status(self, *args) -> dict:
-        out = self.run("-m", "pipeline.status", "--json", *args).stdout
+        out = self.run("-m", "tasks.status", "--json", *args).stdout
         return {e["stage"]: e for e in json.loads(out)}
 
     def versions(self, stage: str) -> list[str]:
@@ -59,6 +59,16 @@ def make_project(root: Path) -> Project:
 @pytest.fixture
 def project(tmp_path) -> Project:
     return make_project(tmp_path / "project")
+
+
+SLOW_FIXTURES = {"chain", "project", "default_project"}  # they build stages through the real commands
+
+
+def pytest_collection_modifyitems(items):
+    """The fast tier (``make test-fast``) leaves out what builds stages or starts torchrun."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 TWO_RANKS = ("--pipeline-nproc-per-node", "2")  # as the chain was built: the same versions

@@ -123,7 +123,7 @@ def status_after(damage):
     def run(p, d):
         artifact, pattern = published_corpus(p, d)
         damage(artifact)
-        return p.run("-m", "pipeline.status", "--Corpus-files", pattern, check=False)
+        return p.run("-m", "tasks.status", "--Corpus-files", pattern, check=False)
     return run
 
 
@@ -173,7 +173,7 @@ CASES = {
     "6": luigi("Corpus", "--Corpus-valid-fraction", "1"),
     "7": luigi("HiddenStates", "--HiddenStates-part-tokens", "16"),
     "8": luigi("Moefied", "--Moefied-eval-tokens", "10"),
-    "9": module("pipeline.status", "--pipeline-model", "gpt-k"),
+    "9": module("tasks.status", "--pipeline-model", "gpt-k"),
     # command line: the tools
     "10": module("pipeline.train", "--save-dir", "{d}/out", "--model", "gpt-k", "--data", "{d}/corpus_artifact"),
     "11": module("pipeline.train", "--save-dir", "{d}/out", "--model", "gpt-j-smoke", "--data", "{d}/corpus_artifact",

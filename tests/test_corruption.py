@@ -52,7 +52,7 @@ SCENARIOS = {
 
 
 def status(chain, env) -> tuple[int, dict]:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.status", "--json", *TWO_RANKS], cwd=chain.root, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tasks.status", "--json", *TWO_RANKS], cwd=chain.root, env=env,
                           capture_output=True, text=True)
     entries = {}
     for e in json.loads(proc.stdout):
@@ -96,7 +96,7 @@ def test_damaged_files_are_reported_then_rebuilt(chain, tmp_path, scenario):
     assert code == 0
     for stage in {stage for stage, _, _ in damages} | {run}:
         assert {e["state"] for e in entries[stage]} == {"up-to-date"}, stage
-    gc = subprocess.run([sys.executable, "-m", "pipeline.gc", *TWO_RANKS], cwd=chain.root, env=env,
+    gc = subprocess.run([sys.executable, "-m", "tasks.gc", *TWO_RANKS], cwd=chain.root, env=env,
                         capture_output=True, text=True)
     assert gc.stdout.count(".broken-") == len(damages) and not list(store.glob("*/.broken-*"))
 

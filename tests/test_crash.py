@@ -95,6 +95,31 @@ def kill_tree_when(proc: subprocess.Popen, store: Path, stage: str, delay: float
     return True
 
 
+def kill_at_random(start, log_path: Path, store: Path, stage: str, delay: float, milestone: str | None,
+                   attempts: int = 6) -> float:
+    """Start a run and SIGKILL it ``delay`` seconds into the stage's build (see kill_tree_when).
+    The delay is drawn from the chain's own duration of the stage; a machine less loaded than it
+    was then can finish first, and then (the run having succeeded) the stage's directory is put
+    back as it was, its saved progress included, and the run starts again with half the delay.
+    Returns the delay used."""
+    snapshot = store.parent / f"before-kill-{stage}"
+    shutil.rmtree(snapshot, ignore_errors=True)
+    if (store / stage).exists():
+        shutil.copytree(store / stage, snapshot)
+    for _ in range(attempts):
+        proc = start()
+        if kill_tree_when(proc, store, stage, delay, milestone):
+            return delay
+        if proc.returncode != 0:
+            output = log_path.read_text()
+            raise AssertionError(commands.report(proc.args, proc.returncode, output, roots=[store / stage]))
+        shutil.rmtree(store / stage, ignore_errors=True)
+        if snapshot.exists():
+            shutil.copytree(snapshot, store / stage)
+        delay /= 2
+    raise AssertionError(f"{stage} finished before every kill, the last {delay * 2:.3f} s into its build")
+
+
 def compare_with_chain(stage: str, rebuilt: Path, reference: Path) -> dict:
     new, ref = (json.loads((p / "manifest.json").read_text()) for p in (rebuilt, reference))
     assert set(new["files"]) == set(ref["files"])
@@ -142,17 +167,21 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(chain, tmp_path, i, sta
     for n, (kill, seed) in enumerate(kills(i, stage)):
         saved = resumable(store, stage)
         log_path = tmp_path / f"run{n}.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, cwd=chain.root, env={**env, CRASH_ENV: kill} if kill != "random" else env,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            if kill == "random":
-                milestone = MILESTONES.get(stage) if n == 0 else None
-                # after a milestone: within about one more checkpoint or shard; in a rerun, within what is left
-                share = 0.1 if milestone else 0.9 if n == 0 else 0.5
-                delay = random.Random(seed).uniform(0.0, share) * _chain_duration(chain, stage)
-                assert kill_tree_when(proc, store, stage, delay, milestone), f"{stage} finished before kill {n}"
-            else:
-                assert proc.wait(timeout=300) == -signal.SIGKILL, f"the crash at {kill} did not happen"
+
+        def start(extra_env=None):
+            with open(log_path, "w") as log:
+                return subprocess.Popen(cmd, cwd=chain.root, env={**env, **(extra_env or {})}, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+        if kill == "random":
+            milestone = MILESTONES.get(stage) if n == 0 else None
+            # after a milestone: within about one more checkpoint or shard; in a rerun, within what is left
+            share = 0.1 if milestone else 0.9 if n == 0 else 0.5
+            delay = random.Random(seed).uniform(0.0, share) * _chain_duration(chain, stage)
+            kill_at_random(start, log_path, store, stage, delay, milestone)
+        else:
+            code = start({CRASH_ENV: kill}).wait(timeout=300)
+            assert code == -signal.SIGKILL, f"the crash at {kill} did not happen (exit status {code})"
         deadline = time.time() + 5
         while survivors(store) and time.time() < deadline:
             time.sleep(0.1)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.distill import BMDistill, DistillConfig, layer_map, lm_forward
+from pipeline.distill import BMDistill, DistillConfig, layer_map
+from pipeline.models.gptj import lm_forward
 from pipeline.models import GPTJ, get_preset
 
 

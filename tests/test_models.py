@@ -11,7 +11,6 @@ from pipeline.models import (
     CheckpointError,
     GPTJ,
     GPTJConfig,
-    Linear,
     from_pretrained,
     get_preset,
     load_state_dict_from_dir,
@@ -150,19 +149,21 @@ def test_init_weights_seeded_and_rope_not_saved():
     assert abs(a.transformer.wte.weight.std().item() - 0.02) < 0.002
 
 
-def test_all_linears_are_our_linear():
+def test_every_projection_is_a_plain_linear_that_bmquant_can_swap():
+    from pipeline.quant import BMQuant
+
     model = GPTJ(get_preset("gpt-j-smoke"))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 2 * 6 + 1
-    assert all(type(m) is Linear and m.int8 is False for m in linears)
+    assert all(type(m) is nn.Linear for m in linears), "the model file knows nothing about int8"
     assert model.lm_head.bias is not None and model.transformer.h[0].attn.q_proj.bias is None
     assert model.transformer.h[0].mlp.fc_in.bias is not None
     ids = random_ids(512)
     with torch.no_grad():
         dense = model(ids)
-        model.lm_head.int8 = True
+        BMQuant.quantize(model, ["lm_head"])
         quantized = model(ids)
-    assert not torch.equal(dense, quantized), "the flag switches the layer to the int8 path"
+    assert not torch.equal(dense, quantized), "the swapped layer runs the int8 path"
     assert (dense - quantized).abs().max() < 0.05 * dense.abs().max()
 
 

@@ -74,15 +74,15 @@ def test_only_stale_stages_rerun_and_status_says_why(project):
     assert len(p.versions("Corpus")) == 2 and len(p.versions("BaseModel")) == 4
 
     # gc keeps exactly the current graph; the dry run removes nothing.
-    dry = p.run("-m", "pipeline.gc", "--dry-run", "--pipeline-nproc-per-node", "2").stdout
+    dry = p.run("-m", "tasks.gc", "--dry-run", "--pipeline-nproc-per-node", "2").stdout
     assert dry.count("would remove") == 4 and "kept 2 current version(s)" in dry
     assert len(p.versions("BaseModel")) == 4
-    p.run("-m", "pipeline.gc", "--pipeline-nproc-per-node", "2")
+    p.run("-m", "tasks.gc", "--pipeline-nproc-per-node", "2")
     assert len(p.versions("Corpus")) == 1 and len(p.versions("BaseModel")) == 1
     st = p.status("--pipeline-nproc-per-node", "2")
     assert st["Corpus"]["state"] == st["BaseModel"]["state"] == "up-to-date"
 
 
 def test_status_text_output_lists_every_stage(project):
-    out = project.run("-m", "pipeline.status").stdout
+    out = project.run("-m", "tasks.status").stdout
     assert "Corpus" in out and "BaseModel" in out and "missing" in out and "never built" in out

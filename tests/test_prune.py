@@ -67,6 +67,7 @@ def test_bad_pruning_input(tmp_path):
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.slow  # torchrun
 def test_training_entry_point_holds_the_masks_on_two_ranks(tmp_path, sharding):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

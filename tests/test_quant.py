@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipeline.models import GPTJ, get_preset
-from pipeline.quant import INT8_WEIGHTS, BMQuant, Int8Linear, export_int8, load_int8
+from pipeline.quant import INT8_WEIGHTS, BMQuant, Int8Linear, QATLinear, export_int8, load_int8
 from pipeline.train import batch_at
 
 
@@ -15,9 +15,12 @@ def test_quantize_flips_every_linear_or_the_matching_ones():
     names = BMQuant.quantize(model, ["*.mlp.fc_in", "*.mlp.fc_out"])
     assert names == ["transformer.h.0.mlp.fc_in", "transformer.h.0.mlp.fc_out",
                      "transformer.h.1.mlp.fc_in", "transformer.h.1.mlp.fc_out"]
-    assert model.transformer.h[0].mlp.fc_in.int8 and not model.transformer.h[0].attn.q_proj.int8
+    weight = model.transformer.h[0].mlp.fc_in.weight
+    assert isinstance(model.transformer.h[0].mlp.fc_in, QATLinear)
+    assert not isinstance(model.transformer.h[0].attn.q_proj, QATLinear)
+    assert model.transformer.h[0].mlp.fc_in.weight is weight, "the swapped layer holds the same parameters"
     assert len(BMQuant.quantize(model)) == 13
-    assert all(m.int8 for m in model.modules() if hasattr(m, "int8"))
+    assert all(isinstance(m, QATLinear) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 @pytest.mark.parametrize("patterns, message", [

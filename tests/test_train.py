@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import train
+from pipeline import launch, train
 
 
 @pytest.fixture
@@ -62,8 +62,8 @@ def test_batches_cut_one_global_draw_per_step(corpus):
 
 
 def test_torchrun_command():
-    cmd = train.torchrun_command(["--steps", "3"], nproc_per_node=2)
+    cmd = launch.torchrun_command(["--steps", "3"], nproc_per_node=2)
     assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--standalone",
                        "-m", "pipeline.train", "--steps", "3"]
-    multi = train.torchrun_command([], 8, nnodes=2, rdzv_endpoint="host:29500")
+    multi = launch.torchrun_command([], 8, nnodes=2, rdzv_endpoint="host:29500")
     assert "--rdzv_endpoint=host:29500" in multi and "--standalone" not in multi

@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 
 import commands
 from pipeline import train
+from pipeline.models.presets import resolve_model
 from pipeline.models import GPTJ, get_preset, save_pretrained
 
+pytestmark = pytest.mark.slow  # torchrun
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,6 +76,7 @@ PROBE = """
 import gc, sys
 import torch
 from pipeline import train
+from pipeline.models.presets import resolve_model
 gc.disable()  # only what main() itself freed counts
 assert train.main(sys.argv[1:]) == 0
 alive = sorted({type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.Module)})
@@ -148,11 +151,11 @@ def test_bad_input_is_refused_before_any_work(tmp_path, corpus, smoke_dir, monke
 
 
 def test_seed_model_names():
-    assert train.resolve_model("gpt-j-full")[0].n_layer == 28
-    config, int8 = train.resolve_model("gpt-j-full-relu-int8")
+    assert resolve_model("gpt-j-full")[0].n_layer == 28
+    config, int8 = resolve_model("gpt-j-full-relu-int8")
     assert config.activation == "relu" and int8
-    assert train.resolve_model("gpt-j")[0].n_layer == 14 and train.resolve_model("gpt-j-int8")[1]
-    assert train.resolve_model("gpt-j-tiny-relu")[0].n_embd == 256
+    assert resolve_model("gpt-j")[0].n_layer == 14 and resolve_model("gpt-j-int8")[1]
+    assert resolve_model("gpt-j-tiny-relu")[0].n_embd == 256
 
 
 def test_memory_plan_for_gpt_j_on_eight_gpus():

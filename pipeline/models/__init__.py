@@ -9,10 +9,10 @@ from .config import CheckpointError, GPTJConfig, checkpoint_config
 from .presets import PRESETS, get_preset
 
 if TYPE_CHECKING:  # also how the code fingerprint (pipeline/artifacts.py) sees these modules
-    from .gptj import GPTJ, Linear
+    from .gptj import GPTJ
     from .hf import from_pretrained, load_state_dict_from_dir, save_pretrained
 
-_LAZY = {"GPTJ": "gptj", "Linear": "gptj", "from_pretrained": "hf", "load_state_dict_from_dir": "hf",
+_LAZY = {"GPTJ": "gptj", "from_pretrained": "hf", "load_state_dict_from_dir": "hf",
          "save_pretrained": "hf"}
 
 
@@ -24,5 +24,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["GPTJConfig", "GPTJ", "Linear", "PRESETS", "get_preset", "checkpoint_config",
+__all__ = ["GPTJConfig", "GPTJ", "PRESETS", "get_preset", "checkpoint_config",
            "from_pretrained", "save_pretrained", "load_state_dict_from_dir", "CheckpointError"]

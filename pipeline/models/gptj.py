@@ -11,19 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-
 from .config import GPTJConfig
-
-
-class Linear(nn.Linear):
-    # BMQuant.quantize flips these per instance: the layer then runs the int8 GEMM (quantization-aware)
-    # with the int8 or the float straight-through backward (kernels.int8).
-    int8 = False
-    int8_grad = "int8"
-
-    def forward(self, x):
-        return kernels.linear(x, self.weight, self.bias, int8=self.int8, grad=self.int8_grad)
 
 
 def rotary_table(n_positions, rotary_dim, base=10000.0):
@@ -54,10 +42,10 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         d = config.n_embd
-        self.q_proj = Linear(d, d, bias=False)
-        self.k_proj = Linear(d, d, bias=False)
-        self.v_proj = Linear(d, d, bias=False)
-        self.out_proj = Linear(d, d, bias=False)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
 
     def forward(self, x, cos, sin, probs_out=None):
         B, T, D = x.shape
@@ -82,8 +70,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc_in = Linear(config.n_embd, config.n_inner)
-        self.fc_out = Linear(config.n_inner, config.n_embd)
+        self.fc_in = nn.Linear(config.n_embd, config.n_inner)
+        self.fc_out = nn.Linear(config.n_inner, config.n_embd)
         self.activation = config.activation
 
     def forward(self, x):
@@ -117,7 +105,7 @@ class GPTJ(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         # derived from the config, so not saved in checkpoints
         self.register_buffer("rope", rotary_table(config.n_positions, config.rotary_dim), persistent=False)
         self.init_weights_()
@@ -168,3 +156,11 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor
     hidden_states: list  # n_layer + 1 tensors (B, T, d_model): embeddings, then each block's output
     attentions: list  # n_layer tensors (B, H, T, T): attention probabilities
+
+
+def lm_forward(model, input_ids, targets, output_states=False):
+    """The plain language-model forward: (cross-entropy loss, model output)."""
+    out = model(input_ids, output_states=output_states)
+    logits = out.logits if output_states else out
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return loss, out

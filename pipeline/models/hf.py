@@ -5,13 +5,16 @@ layout (config.json + model.safetensors) is the pipeline's own model artifact fo
 """
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import WEIGHT_FILES, CheckpointError, checkpoint_config, checkpoint_dir
+from pipeline.cli import UsageError
+
+from .config import WEIGHT_FILES, CheckpointError, GPTJConfig, checkpoint_config, checkpoint_dir
 from .gptj import GPTJ
 
 def _read_weight_file(file):
@@ -134,3 +137,24 @@ def save_pretrained(model, path, dtype=None):
     hf_config = model.config.to_hf_dict()
     hf_config["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def read_weights(path: Path, what: str) -> tuple[dict, GPTJConfig | None]:
+    """(state dict, config or None) from a model directory, a .safetensors file or a weights-only
+    pickle (``--load`` of the seed's command lines); never unpickles anything but tensors."""
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    if path.is_dir():
+        return load_state_dict_from_dir(path), checkpoint_config(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path)), None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise UsageError(f"{what} {path} is not a weights-only checkpoint; refusing to unpickle it "
+                         f"({str(e).splitlines()[0]})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{what} {path} does not hold a state dict of tensors")
+    return state, None

@@ -26,3 +26,24 @@ def get_preset(name):
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name].replace()
+
+
+def resolve_model(name: str) -> tuple[GPTJConfig, bool]:
+    """(architecture, int8) for a model name of the seed or of this project (``pipeline.train
+    --model``); ValueError for any other name."""
+    base, int8, relu = name, False, False
+    if base.endswith("-int8"):
+        base, int8 = base[: -len("-int8")], True
+    if base.endswith("-relu"):
+        base, relu = base[: -len("-relu")], True
+    if base == "gpt-j-full":
+        config = get_preset("gpt-j")
+    elif base == "gpt-j":
+        config = get_preset("gpt-j").replace(n_layer=14)  # the seed's distilled student
+    else:
+        try:
+            config = get_preset(base)
+        except ValueError:
+            raise ValueError(f"--model {name!r} is not a known model; use gpt-j-full[-relu][-int8], "
+                             f"gpt-j[-int8], or gpt-j-tiny / gpt-j-smoke with optional -relu / -int8") from None
+    return (config.replace(activation="relu") if relu else config), int8

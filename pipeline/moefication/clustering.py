@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from pipeline.moefication.experts import check_experts
 
-CLUSTERS = "clusters.safetensors"  # labels and centroids per layer
 
 
 def balanced_assign(scores: torch.Tensor, size: int) -> torch.Tensor:

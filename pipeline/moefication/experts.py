@@ -8,3 +8,8 @@ def check_experts(n_rows: int, num_expert: int) -> int:
         raise ValueError(f"num_expert {num_expert} does not divide the {n_rows} neurons into equal experts "
                          f"(expected a divisor of {n_rows})")
     return n_rows // num_expert
+
+
+def check_topk(topk: int, num_expert: int) -> None:
+    if not 1 <= topk <= num_expert:
+        raise ValueError(f"topk {topk} is out of range: expected 1 to num_expert ({num_expert})")

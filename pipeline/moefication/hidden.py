@@ -29,8 +29,8 @@ from pipeline import distributed
 from pipeline.data import load_tokens
 from pipeline.evaluate import windows
 from pipeline.models import from_pretrained
+from pipeline.moefication.files import HIDDEN
 
-HIDDEN = "hidden_states.h5"
 CHUNK_ROWS = 1024
 
 
@@ -138,6 +138,20 @@ def join_shards(out: Path, shards: list[Path], n_layers: int, d_model: int) -> N
                 flags.append(src["heldout"][:])
         f.create_dataset("heldout", data=np.concatenate(flags), track_times=False)
         f.attrs.update({"tokens": total, "layers": n_layers, "d_model": d_model})
+
+
+def check_hidden_states(f: h5py.File, path: Path, num_layer: int, d_model: int) -> None:
+    """One sentence when the hidden-state file does not belong to a model of this shape."""
+    for i in range(num_layer):
+        if layer_name(i) not in f:
+            raise ValueError(f"hidden-state file {path} has no dataset {layer_name(i)}: it holds "
+                             f"{len([k for k in f if k.startswith('layer_')])} layers, the model {num_layer}")
+        ds = f[layer_name(i)]
+        if ds.ndim != 2 or ds.shape[1] != d_model or ds.dtype not in (np.float16, np.float32):
+            raise ValueError(f"hidden-state file {path}: {layer_name(i)} is {ds.dtype} of shape {ds.shape}, "
+                             f"expected float16 or float32 rows of width {d_model} (the model's d_model)")
+    if "heldout" not in f or f["heldout"].shape != (f[layer_name(0)].shape[0],):
+        raise ValueError(f"hidden-state file {path} has no heldout flag per token")
 
 
 def main(argv: list[str] | None = None) -> int:

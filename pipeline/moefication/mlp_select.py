@@ -14,7 +14,6 @@ import argparse
 from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -22,32 +21,11 @@ from tqdm import tqdm
 from pipeline import cli
 from pipeline.artifacts import save_safetensors
 from pipeline.cli import UsageError
-from pipeline.moefication.hidden import HIDDEN, layer_name
-from pipeline.moefication.clustering import CLUSTERS
-from pipeline.moefication.param_cluster import TEMPLATE, fc_in_weights, layer_key
-from pipeline.moefication.router import ROUTERS, train_router
+from pipeline.moefication.files import CLUSTERS, HIDDEN, ROUTERS
+from pipeline.moefication.hidden import check_hidden_states, layer_name
+from pipeline.moefication.param_cluster import TEMPLATE, fc_in_biases, fc_in_weights, layer_key
+from pipeline.moefication.router import train_router
 from pipeline.resume import LayerCheckpoints
-
-
-def fc_in_biases(state: dict, template: str, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The fc_in bias beside each weight (``...weight`` -> ``...bias``; zeros when there is none)."""
-    names = [template.format(i)[: -len("weight")] + "bias" if template.endswith("weight") else "" for i in
-             range(len(weights))]
-    return [state[n].float() if n in state else torch.zeros(len(w)) for n, w in zip(names, weights)]
-
-
-def check_hidden_states(f: h5py.File, path: Path, num_layer: int, d_model: int) -> None:
-    """One sentence when the hidden-state file does not belong to a model of this shape."""
-    for i in range(num_layer):
-        if layer_name(i) not in f:
-            raise ValueError(f"hidden-state file {path} has no dataset {layer_name(i)}: it holds "
-                             f"{len([k for k in f if k.startswith('layer_')])} layers, the model {num_layer}")
-        ds = f[layer_name(i)]
-        if ds.ndim != 2 or ds.shape[1] != d_model or ds.dtype not in (np.float16, np.float32):
-            raise ValueError(f"hidden-state file {path}: {layer_name(i)} is {ds.dtype} of shape {ds.shape}, "
-                             f"expected float16 or float32 rows of width {d_model} (the model's d_model)")
-    if "heldout" not in f or f["heldout"].shape != (f[layer_name(0)].shape[0],):
-        raise ValueError(f"hidden-state file {path} has no heldout flag per token")
 
 
 def check_clusters(clusters: dict, path: Path, weights: list[torch.Tensor], num_expert: int) -> None:
@@ -99,7 +77,7 @@ def save_routers(tensors: dict, metrics: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.train import read_weights
+    from pipeline.models.hf import read_weights
 
     p = argparse.ArgumentParser(prog="python -m pipeline.moefication.mlp_select", description=__doc__.split("\n\n")[0])
     p.add_argument("--model_path", required=True, type=Path, help="the ReLU model (directory, .safetensors or .pt)")

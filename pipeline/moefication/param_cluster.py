@@ -22,11 +22,19 @@ from pipeline import cli
 from pipeline.artifacts import save_safetensors
 from pipeline.cli import UsageError
 from pipeline.resume import LayerCheckpoints
-from pipeline.moefication.clustering import (CLUSTERS, balanced_kmeans, check_experts, cosine_to_centroid, expert_centroids,
+from pipeline.moefication.files import CLUSTERS
+from pipeline.moefication.clustering import (balanced_kmeans, check_experts, cosine_to_centroid, expert_centroids,
                                              random_split)
 
 TEMPLATE = "transformer.h.{}.mlp.fc_in.weight"
 METHODS = ("balanced_kmeans", "random")  # the stage adds "coactivation" from the hidden states
+
+
+def fc_in_biases(state: dict, template: str, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The fc_in bias beside each weight (``...weight`` -> ``...bias``; zeros when there is none)."""
+    names = [template.format(i)[: -len("weight")] + "bias" if template.endswith("weight") else "" for i in
+             range(len(weights))]
+    return [state[n].float() if n in state else torch.zeros(len(w)) for n, w in zip(names, weights)]
 
 
 def layer_key(i: int) -> str:
@@ -100,7 +108,7 @@ def save_clusters(tensors: dict, metrics: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.train import read_weights
+    from pipeline.models.hf import read_weights
 
     p = argparse.ArgumentParser(prog="python -m pipeline.moefication.param_cluster",
                                 description=__doc__.split("\n\n")[0])

@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from pipeline.moefication.clustering import CLUSTERS
-from pipeline.moefication.router import ROUTERS, Router
+from pipeline.moefication.experts import check_topk
+from pipeline.moefication.files import CLUSTERS, ROUTERS
+from pipeline.moefication.router import Router
 
 
 def load_experts(model, path, num_expert: int | None = None) -> list[tuple[torch.Tensor, Router]]:
@@ -49,11 +50,6 @@ def load_experts(model, path, num_expert: int | None = None) -> list[tuple[torch
         router.load_state_dict({"a.weight": a, "b.weight": routers[f"{key}.b"]})
         layers.append((labels, router.requires_grad_(False)))
     return layers
-
-
-def check_topk(topk: int, num_expert: int) -> None:
-    if not 1 <= topk <= num_expert:
-        raise ValueError(f"topk {topk} is out of range: expected 1 to num_expert ({num_expert})")
 
 
 class RoutedMLP(nn.Module):

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROUTERS = "routers.safetensors"  # the two weights of each layer's router
 
 
 class Router(nn.Module):

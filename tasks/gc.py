@@ -1,4 +1,4 @@
-"""``python -m pipeline.gc [--dry-run] [luigi overrides]``: remove artifact versions (and
+"""``python -m tasks.gc [--dry-run] [luigi overrides]``: remove artifact versions (and
 abandoned scratch directories) that the current graph no longer reaches, and the broken versions
 that runs moved aside."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.artifacts import BROKEN_PREFIX, Store
-from pipeline.status import parse_graph_command
+from tasks.status import parse_graph_command
 
 
 def unreachable(store: Store, keep: set[tuple[str, str]]) -> list[Path]:
@@ -34,7 +34,7 @@ def size_of(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.gc", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tasks.gc", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     args, specs = parse_graph_command(p, argv)
     store = Store()

@@ -1,4 +1,4 @@
-"""``python -m pipeline.status [--json] [luigi overrides]``: is every stage of the current graph
+"""``python -m tasks.status [--json] [luigi overrides]``: is every stage of the current graph
 up to date, and if not, why.
 
 The current graph comes from the Luigi tasks (luigi.cfg and the same ``--Task-param`` overrides
@@ -68,7 +68,7 @@ def instance_label(spec: StageSpec, specs: list[StageSpec]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.status", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tasks.status", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON object per stage")
     p.add_argument("--verify", action="store_true", help="rehash every file, even those unchanged since last verified")
     args, specs = parse_graph_command(p, argv)
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     entries = [stage_status(s, store, args.verify) for s in specs]
     code = 1 if any(e["state"] == "broken" for e in entries) else 0
     if args.json:
-        print(json.dumps(entries, indent=2))
+        described = [{**e, "label": instance_label(s, specs), "params": s.params, "upstream": s.upstream}
+                     for e, s in zip(entries, specs)]
+        print(json.dumps(described, indent=2))
         return code
     print(f"artifacts: {store.root}")
     for e, spec in zip(entries, specs):
