@@ -143,6 +143,16 @@ def rescale(acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor, fp16: bool 
     return out.half() if fp16 else out
 
 
+def int8_linear(x: torch.Tensor, q_weight: torch.Tensor, scale: torch.Tensor, fp16: bool = False,
+                backend: str | None = None) -> torch.Tensor:
+    """``x @ w^T`` for tokens ``x`` (tokens, in) and a weight quantized beforehand, int8 (out, in)
+    with one scale per row (``scale_and_quantize(w, dim=1)``): the forward of ``bmm(x, w^T,
+    int8=True)`` (QAT's) with the weight's half done once. ``fp16``: the spec's final rounding."""
+    s_x, q_x = scale_and_quantize(x, dim=1)
+    acc = int_matmul(q_x[None], q_weight.T[None], backend or int8_backend(x.device.type))[0]
+    return rescale(acc, s_x, scale.reshape(1, -1), fp16=fp16)
+
+
 def _scaled(acc: torch.Tensor, s: torch.Tensor, fp16: bool) -> torch.Tensor:
     """fp16(fp32(acc) * fp32(fp16(s))): the gradients' single rescale (both fp16 roundings left out
     when ``fp16`` is false). A large per-row-scaled weight gradient is done in cache-sized row blocks."""

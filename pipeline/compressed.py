@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from kernels.int8 import INT8_MAX, int8_backend, int_matmul
+from kernels.int8 import int8_linear
 from pipeline import methods
 from pipeline.artifacts import save_safetensors
 from pipeline.moefication.experts import check_topk
@@ -38,18 +38,6 @@ from pipeline.quant import INT8_WEIGHTS, Int8Linear, export_int8, load_int8
 
 EXPERTS = "experts.safetensors"
 COMPRESSED_DIR = "compressed"  # where a FinalCompressed artifact keeps its compressed model
-
-
-def int8_product(x: torch.Tensor, q_weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ w^T`` for finite fp32 ``x`` (tokens, in) and an int8 weight (out, in) with fp32
-    per-row ``scale``, in QAT's forward arithmetic (``kernels.int8``: fp16 absmax scale per token,
-    round half to even, clamp to 127, exact integer GEMM, then ``(acc * s_x) * s_w`` in fp32),
-    with fewer passes than training's version, which also guards NaN."""
-    s_x = x.abs().amax(1, keepdim=True).div_(INT8_MAX).half().float()
-    s_x.masked_fill_(s_x == 0, float("inf"))  # an all-zero (or fp16-underflowing) row quantizes to 0
-    q_x = torch.div(x, s_x).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    acc = int_matmul(q_x[None], q_weight.T[None], int8_backend(x.device.type))[0]
-    return acc.float().mul_(s_x.masked_fill_(s_x == float("inf"), 0)).mul_(scale)
 
 
 class QLinear(nn.Module):
@@ -64,7 +52,7 @@ class QLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_product(x.reshape(-1, x.shape[-1]).float(), self.q_weight, self.scale)
+        y = int8_linear(x.reshape(-1, x.shape[-1]).float(), self.q_weight, self.scale)
         y = y + self.bias if self.bias is not None else y
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
@@ -92,13 +80,13 @@ class Int8MoEFFN(nn.Module):
         self.register_buffer("s_w2", fc_out.scale)
         self.register_buffer("b2", fc_out.bias.float())
         self.router, self.topk = router, topk
+        self.top_experts = methods.use("moe").top_experts
         self.size = len(self.b1) // self.num_expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
-        chosen = self.router(flat).topk(self.topk, dim=-1).indices
+        chosen, keep = self.top_experts(self.router(flat).float(), self.topk)
         used = torch.unique(chosen)  # sorted
-        keep = torch.zeros(len(flat), self.num_expert, device=x.device).scatter_(1, chosen, 1.0)
         if len(used) >= self.dense_above * self.num_expert:
             out = self._dense(flat, keep)
         else:
@@ -113,9 +101,9 @@ class Int8MoEFFN(nn.Module):
         def rows(t):  # the used experts' blocks of rows, copied whole
             return t.view(self.num_expert, self.size, *t.shape[1:]).index_select(0, used).flatten(0, 1)
 
-        h = torch.relu_(int8_product(flat, rows(self.q_w1), rows(self.s_w1)) + rows(self.b1))
+        h = torch.relu_(int8_linear(flat, rows(self.q_w1), rows(self.s_w1)) + rows(self.b1))
         h = h.view(len(flat), len(used), self.size).mul_(keep[:, used, None]).flatten(1)
-        return int8_product(h, rows(self.q_w2t).T, self.s_w2) + self.b2
+        return int8_linear(h, rows(self.q_w2t).T, self.s_w2) + self.b2
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from kernels.gemm import GRADS, linear
-from kernels.int8 import int_matmul, int8_backend, rescale, scale_and_quantize
+from kernels.int8 import int8_linear, scale_and_quantize
 from pipeline.models.config import GPTJConfig, checkpoint_config
 from pipeline.models.gptj import GPTJ
 
@@ -93,10 +93,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             return torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm(), True).to(x.dtype)
-        flat = x.reshape(-1, x.shape[-1])
-        s_x, q_x = scale_and_quantize(flat, dim=1)
-        acc = int_matmul(q_x[None], self.q_weight.t()[None], int8_backend(x.device.type))[0]
-        y = rescale(acc, s_x, self.scale[None]).to(x.dtype).reshape(*x.shape[:-1], -1)
+        y = int8_linear(x.reshape(-1, x.shape[-1]), self.q_weight, self.scale, fp16=True)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
 

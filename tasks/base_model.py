@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import shutil
 
-import luigi
 
 from pipeline.artifacts import content_hash
 from tasks.corpus import Corpus
@@ -12,10 +11,6 @@ from tasks.training import TrainingStage, train_model_name
 
 
 class BaseModel(TrainingStage):
-    steps = luigi.IntParameter(default=1400)
-    start_lr = luigi.FloatParameter(default=2e-3)
-    warmup = luigi.IntParameter(default=50)
-
     def upstream(self):
         return {"Corpus": Corpus()}
 

@@ -21,9 +21,9 @@ def checkpoint_tokenizer(checkpoint: Path) -> Path:
 
 
 class Corpus(Stage):
-    files = luigi.Parameter(default="", description="glob of text files; empty: the interpreter's standard library")
-    valid_fraction = luigi.FloatParameter(default=0.05, description="share of files held out for validation")
-    max_bytes = luigi.IntParameter(default=0, description="stop reading each split after this many characters (0: all)")
+    files = luigi.Parameter(description="glob of text files; empty: the interpreter's standard library")
+    valid_fraction = luigi.FloatParameter(description="share of files held out for validation")
+    max_bytes = luigi.IntParameter(description="stop reading each split after this many characters (0: all)")
 
     def effective_params(self) -> dict:
         from pipeline.models.presets import get_preset

@@ -11,11 +11,11 @@ from tasks.stage import Stage, pipeline_settings
 
 
 class ExpertClusters(Stage):
-    num_expert = luigi.IntParameter(default=32, description="experts per FFN layer (must divide d_ff)")
-    method = luigi.ChoiceParameter(default="balanced_kmeans", choices=("balanced_kmeans", "coactivation", "random"))
-    seed = luigi.IntParameter(default=0)
-    iterations = luigi.IntParameter(default=30)
-    sample_tokens = luigi.IntParameter(default=8192, description="coactivation: training tokens per neuron profile")
+    num_expert = luigi.IntParameter(description="experts per FFN layer (must divide d_ff)")
+    method = luigi.ChoiceParameter(choices=("balanced_kmeans", "coactivation", "random"))
+    seed = luigi.IntParameter()
+    iterations = luigi.IntParameter()
+    sample_tokens = luigi.IntParameter(description="coactivation: training tokens per neuron profile")
 
     def upstream(self):
         ups = {"ReluModel": ReluModel()}

@@ -21,33 +21,22 @@ from tasks.pruning_masks import PruningMasks
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
 from tasks.stage import pipeline_settings
-from tasks.training import KD, TrainingStage, train_model_name, unused_distill_params
+from tasks.training import DistillingStage, train_model_name, unused_distill_params
 
 TOGGLES = ("int8", "pruning", "moe", "distill")
 
 
 def toggle(description: str):
-    return luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING, description=description)
+    return luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING, description=description)
 
 
-class FinalCompressed(TrainingStage):
-    TRAINING = TrainingStage.TRAINING + KD + ("act_l1", "int8_grad")
+class FinalCompressed(DistillingStage):
+    TRAINING = DistillingStage.TRAINING + ("int8_grad",)
     int8 = toggle("int8 quantization-aware training (BMQuant)")
     pruning = toggle("hold the PruningMasks 2:4 masks (BMPrune)")
     moe = toggle("fine-tune the ReLU model with MoE routing active (BMMoE); false: the base model, dense")
     distill = toggle("distillation from the base model (BMDistill)")
-    steps = luigi.IntParameter(default=300)
-    start_lr = luigi.FloatParameter(default=2e-4)
-    warmup = luigi.IntParameter(default=20)
-    weight_decay = luigi.FloatParameter(default=0.0)
-    seed = luigi.IntParameter(default=2)
-    kd_ce_logits = luigi.FloatParameter(default=1.0)
-    kd_temp = luigi.FloatParameter(default=1.0)
-    kd_mse_last_hidden = luigi.FloatParameter(default=0.0)
-    kd_mse_hidden = luigi.FloatParameter(default=0.0)
-    kd_loss_scale = luigi.FloatParameter(default=1.0)
-    act_l1 = luigi.FloatParameter(default=0.0)
-    int8_grad = luigi.ChoiceParameter(default="float", choices=("float", "int8"),
+    int8_grad = luigi.ChoiceParameter(choices=("float", "int8"),
                                       description="QAT backward: straight-through in float, or cpm_kernels' int8")
 
     def upstream(self):

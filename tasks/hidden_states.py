@@ -11,11 +11,11 @@ from tasks.stage import Stage, pipeline_settings, run_logged
 
 class HiddenStates(Stage):
     ENTRY = "pipeline.moefication.hidden"
-    token_budget = luigi.IntParameter(default=65536, description="tokens to run through the model")
-    heldout_fraction = luigi.FloatParameter(default=0.1, description="share of the budget taken from the valid split")
-    seq_len = luigi.IntParameter(default=128)
-    batch_size = luigi.IntParameter(default=8)
-    part_tokens = luigi.IntParameter(default=16384, description="tokens per shard file: a crash recomputes at most one "
+    token_budget = luigi.IntParameter(description="tokens to run through the model")
+    heldout_fraction = luigi.FloatParameter(description="share of the budget taken from the valid split")
+    seq_len = luigi.IntParameter()
+    batch_size = luigi.IntParameter()
+    part_tokens = luigi.IntParameter(description="tokens per shard file: a crash recomputes at most one "
                                                                 "shard per rank")
 
     def upstream(self):

@@ -11,8 +11,8 @@ from tasks.stage import Stage
 
 
 class Moefied(Stage):
-    eval_tokens = luigi.IntParameter(default=65536, description="validation tokens per perplexity")
-    seq_len = luigi.IntParameter(default=128)
+    eval_tokens = luigi.IntParameter(description="validation tokens per perplexity")
+    seq_len = luigi.IntParameter()
 
     def upstream(self):
         return {"Corpus": Corpus(), "ReluModel": ReluModel(), "Routers": Routers(),

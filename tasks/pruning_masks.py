@@ -11,8 +11,8 @@ from tasks.stage import Stage
 
 
 class PruningMasks(Stage):
-    prune_func = luigi.ChoiceParameter(default="m4n2_2d_greedy", choices=("m4n2_1d", "m4n2_2d_greedy", "m4n2_2d_best"))
-    moefication = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+    prune_func = luigi.ChoiceParameter(choices=("m4n2_1d", "m4n2_2d_greedy", "m4n2_2d_best"))
+    moefication = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                       description="true: masks for the ReLU model in expert order; false: the base model")
 
     def upstream(self):

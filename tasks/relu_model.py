@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import shutil
 
-import luigi
 
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus
 from tasks.stage import pipeline_settings
-from tasks.training import KD, TrainingStage, train_model_name, unused_distill_params
+from tasks.training import DistillingStage, train_model_name, unused_distill_params
 
 
-class ReluModel(TrainingStage):
-    TRAINING = TrainingStage.TRAINING + KD + ("act_l1",)
-    steps = luigi.IntParameter(default=400)
-    start_lr = luigi.FloatParameter(default=5e-4)
-    weight_decay = luigi.FloatParameter(default=0.0)
-    seed = luigi.IntParameter(default=1)
-    kd_ce_logits = luigi.FloatParameter(default=1.0, description="soft cross-entropy against the teacher's logits")
-    kd_temp = luigi.FloatParameter(default=1.0)
-    kd_mse_last_hidden = luigi.FloatParameter(default=0.0)
-    kd_mse_hidden = luigi.FloatParameter(default=0.0)
-    kd_loss_scale = luigi.FloatParameter(default=1.0)
-    act_l1 = luigi.FloatParameter(default=10.0, description="L1 penalty on FFN activations (raises sparsity)")
+class ReluModel(DistillingStage):
 
     def upstream(self):
         return {"Corpus": Corpus(), "BaseModel": BaseModel()}

@@ -24,9 +24,9 @@ VARIANTS = {
 
 
 class Report(Stage):
-    eval_tokens = luigi.IntParameter(default=65536, description="validation tokens per perplexity")
-    seq_len = luigi.IntParameter(default=128)
-    rounds = luigi.IntParameter(default=7, description="speed: rounds of interleaved measurements (median)")
+    eval_tokens = luigi.IntParameter(description="validation tokens per perplexity")
+    seq_len = luigi.IntParameter()
+    rounds = luigi.IntParameter(description="speed: rounds of interleaved measurements (median)")
 
     def upstream(self):
         ups = {"Corpus": Corpus(), "BaseModel": BaseModel(), "ReluModel": ReluModel(), "Routers": Routers(),

@@ -13,13 +13,13 @@ from tasks.stage import Stage, pipeline_settings
 
 
 class Routers(Stage):
-    topk_fraction = luigi.FloatParameter(default=0.2, description="share of experts selected per token")
-    epochs = luigi.IntParameter(default=10)
-    batch_size = luigi.IntParameter(default=512, description="tokens per router training step")
-    lr = luigi.FloatParameter(default=0.01)
-    seed = luigi.IntParameter(default=0)
+    topk_fraction = luigi.FloatParameter(description="share of experts selected per token")
+    epochs = luigi.IntParameter()
+    batch_size = luigi.IntParameter(description="tokens per router training step")
+    lr = luigi.FloatParameter()
+    seed = luigi.IntParameter()
     # Moefied asks for a second set on the random split: the paper's baseline
-    cluster_method = luigi.Parameter(default="", description="ExpertClusters method; empty: as configured")
+    cluster_method = luigi.Parameter(description="ExpertClusters method; empty: as configured")
 
     def upstream(self):
         clusters = ExpertClusters(method=self.cluster_method) if self.cluster_method else ExpertClusters()

@@ -19,6 +19,20 @@ from pipeline import processes, resources
 from pipeline.artifacts import AlreadyPublished, Artifact, Build, CorruptArtifact, StageSpec, Store, code_files
 
 logger = logging.getLogger("luigi-interface")
+PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "luigi.cfg"
+
+
+def _read_project_config_first() -> None:
+    """luigi.cfg beside the code is where every parameter's default lives (the classes declare
+    none): read it first, from any working directory, so that a luigi.cfg in the working
+    directory, LUIGI_CONFIG_PATH and the command line override it."""
+    parser = luigi.configuration.LuigiConfigParser
+    if str(PROJECT_CONFIG) not in parser._config_paths:
+        parser._config_paths.insert(0, str(PROJECT_CONFIG))
+        parser.reload()
+
+
+_read_project_config_first()
 
 
 class pipeline_settings(luigi.Config):
@@ -28,11 +42,11 @@ class pipeline_settings(luigi.Config):
     def get_task_family(cls):
         return "pipeline"
 
-    model = luigi.Parameter(default="gpt-j-tiny", description="model preset (gpt-j, gpt-j-tiny, gpt-j-smoke)")
-    checkpoint = luigi.Parameter(default="", description="Hugging Face GPT-J directory to import instead of pretraining")
-    nproc_per_node = luigi.IntParameter(default=1, description="torchrun processes per node")
-    nnodes = luigi.IntParameter(default=1, description="torchrun nodes")
-    rdzv_endpoint = luigi.Parameter(default="", description="torchrun rendezvous host:port when nnodes > 1")
+    model = luigi.Parameter(description="model preset (gpt-j, gpt-j-tiny, gpt-j-smoke)")
+    checkpoint = luigi.Parameter(description="Hugging Face GPT-J directory to import instead of pretraining")
+    nproc_per_node = luigi.IntParameter(description="torchrun processes per node")
+    nnodes = luigi.IntParameter(description="torchrun nodes")
+    rdzv_endpoint = luigi.Parameter(description="torchrun rendezvous host:port when nnodes > 1")
 
     def architecture(self):
         """The GPTJConfig of the model this run compresses: the checkpoint's, or the preset's."""

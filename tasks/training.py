@@ -15,17 +15,17 @@ class TrainingStage(Stage):
 
     TRAINING: tuple[str, ...] = ("steps", "batch_size", "grad_accum", "seq_len", "start_lr", "warmup",
                                  "weight_decay", "seed")
-    steps = luigi.IntParameter(default=1000)
-    batch_size = luigi.IntParameter(default=16, description="global batch in sequences")
-    grad_accum = luigi.IntParameter(default=1)
-    seq_len = luigi.IntParameter(default=128)
-    start_lr = luigi.FloatParameter(default=1e-3)
-    warmup = luigi.IntParameter(default=20)
-    weight_decay = luigi.FloatParameter(default=0.1)
-    seed = luigi.IntParameter(default=0)
-    eval_tokens = luigi.IntParameter(default=65536, description="held-out tokens for perplexity (0: all)")
-    log_interval = luigi.IntParameter(default=10)
-    save_interval = luigi.IntParameter(default=50, description="steps between resumable checkpoints")
+    steps = luigi.IntParameter()
+    batch_size = luigi.IntParameter(description="global batch in sequences")
+    grad_accum = luigi.IntParameter()
+    seq_len = luigi.IntParameter()
+    start_lr = luigi.FloatParameter()
+    warmup = luigi.IntParameter()
+    weight_decay = luigi.FloatParameter()
+    seed = luigi.IntParameter()
+    eval_tokens = luigi.IntParameter(description="held-out tokens for perplexity (0: all)")
+    log_interval = luigi.IntParameter()
+    save_interval = luigi.IntParameter(description="steps between resumable checkpoints")
 
     ENTRY = "pipeline.train"
 
@@ -60,6 +60,18 @@ class TrainingStage(Stage):
 
 
 KD = ("kd_ce_logits", "kd_temp", "kd_mse_last_hidden", "kd_mse_hidden", "kd_loss_scale")  # BMDistill's terms
+
+
+class DistillingStage(TrainingStage):
+    """A training stage with a teacher: BMDistill's terms and the activation penalty."""
+
+    TRAINING = TrainingStage.TRAINING + KD + ("act_l1",)
+    kd_ce_logits = luigi.FloatParameter(description="soft cross-entropy against the teacher's logits")
+    kd_temp = luigi.FloatParameter()
+    kd_mse_last_hidden = luigi.FloatParameter()
+    kd_mse_hidden = luigi.FloatParameter()
+    kd_loss_scale = luigi.FloatParameter()
+    act_l1 = luigi.FloatParameter(description="L1 penalty on FFN activations (raises sparsity)")
 
 
 def unused_distill_params(stage, distill: bool) -> set[str]:

@@ -142,4 +142,7 @@ if __name__ == "__main__":  # print the table: module -> stages restaled
     g = graph(project)
     for module, runs in sorted(RUNS.items()):
         names = downstream(g, set(g) if runs == EVERY else runs)
-        print(f"| `{module}` | {'every stage' if names == set(g) else ', '.join(sorted(names)) or 'none'} |")
+        left = set(g) - names
+        text = ("every stage" if not left else f"every stage but {', '.join(sorted(left))}" if len(left) < 3
+                else ", ".join(sorted(names)) or "none")
+        print(f"| `{module}` | {text} |")

@@ -75,12 +75,12 @@ def test_int8_moe_reads_only_the_chosen_experts(relu_model_and_checkpoint, tmp_p
     seen = []
     import pipeline.compressed as compressed
 
-    original = compressed.int8_product
-    compressed.int8_product = lambda x, q, s: seen.append(q.shape) or original(x, q, s)
+    original = compressed.int8_linear
+    compressed.int8_linear = lambda x, q, s: seen.append(q.shape) or original(x, q, s)
     try:
         ffn(torch.randn(1, 1, 64))
     finally:
-        compressed.int8_product = original
+        compressed.int8_linear = original
     assert seen == [(64, 64), (64, 64)], seen  # (2 experts x 32 neurons, d_model) and its transpose
 
 

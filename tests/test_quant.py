@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipeline.models import GPTJ, get_preset
-from pipeline.quant import INT8_WEIGHTS, BMQuant, Int8Linear, QATLinear, export_int8, load_int8
+from pipeline.quant import INT8_WEIGHTS, BMQuant, Int8Linear, QATLinear, export_int8, load_int8, quantize_rows
 from pipeline.train import batch_at
 
 
@@ -100,3 +100,17 @@ def test_load_int8_names_a_missing_tensor(tmp_path):
     save_file(tensors, str(tmp_path / INT8_WEIGHTS))
     with pytest.raises(ValueError, match="tensor 'transformer.ln_f.weight' is missing or unexpected"):
         load_int8(tmp_path)
+
+
+def test_qat_export_and_the_deployed_layer_share_one_int8_arithmetic():
+    from kernels.int8 import int8_linear
+    from pipeline.compressed import QLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        trained = QATLinear(linear, "float")(x)
+        q, s = quantize_rows(linear.weight)
+        assert torch.equal(int8_linear(x, q, s.float()) + linear.bias, trained), "QAT's forward, bit for bit"
+        assert torch.equal(QLinear(q, s, linear.bias.detach())(x), trained), "the exact deployed layer, bit for bit"

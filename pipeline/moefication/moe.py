@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pipeline.moefication.routed import check_topk, load_experts
+from pipeline.moefication.experts import check_topk
+from pipeline.moefication.routed import load_experts, top_experts
 from pipeline.moefication.router import Router
 from pipeline.moefication.sparse import sparse_ffn
 
@@ -41,16 +42,15 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.sparse:
-            chosen = self.router(flat).topk(self.topk, dim=-1).indices  # (tokens, k)
+            chosen, _ = top_experts(self.router(flat), self.topk)  # (tokens, k)
             out = sparse_ffn(flat, self.w1, self.b1, self.w2, self.b2, chosen, self.size)
         else:
             h = torch.relu(flat @ self.w1.T + self.b1)
             # groundtruth: the experts that hold the most positive activation
             scores = h.reshape(len(flat), self.num_expert, self.size).sum(-1) if self.selection == "groundtruth" \
                 else self.router(flat)
-            chosen = scores.topk(self.topk, dim=-1).indices
-            mask = torch.zeros(len(flat), self.num_expert, dtype=h.dtype).scatter_(1, chosen, 1.0)
-            out = (h * mask.repeat_interleave(self.size, dim=1)) @ self.w2.T + self.b2
+            _, mask = top_experts(scores, self.topk)
+            out = (h * mask.to(h.dtype).repeat_interleave(self.size, dim=1)) @ self.w2.T + self.b2
         return out.reshape(*x.shape[:-1], -1)
 
 

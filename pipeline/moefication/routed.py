@@ -52,6 +52,14 @@ def load_experts(model, path, num_expert: int | None = None) -> list[tuple[torch
     return layers
 
 
+def top_experts(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From per-token expert scores (a router's, or the experts' true activation mass): the
+    ``topk`` chosen experts (tokens, topk) and the keep mask (tokens, num_expert), 1 where chosen.
+    The one routing rule of the simulation, of training with routing and of the deployed model."""
+    chosen = scores.topk(topk, dim=-1).indices
+    return chosen, torch.zeros_like(scores).scatter_(-1, chosen, 1.0)
+
+
 class RoutedMLP(nn.Module):
     """The FFN ``fc_out(relu(fc_in(x)) * m)``, with ``m`` keeping the neurons of the ``topk`` experts
     the (frozen) router picks for each token."""
@@ -74,10 +82,8 @@ class RoutedMLP(nn.Module):
             router.to(x.device)
         # routed in fp32 whatever the autocast or FSDP compute dtype, as inference routes
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            chosen = router(x.detach().float()).topk(self.topk, dim=-1).indices
-            keep = torch.zeros(*x.shape[:-1], self.num_expert, dtype=h.dtype, device=h.device)
-            keep.scatter_(-1, chosen, 1.0)
-        return self.fc_out(h * keep[..., self.expert_of])
+            _, keep = top_experts(router(x.detach().float()), self.topk)
+        return self.fc_out(h * keep.to(h.dtype)[..., self.expert_of])
 
 
 def route_experts(model, path, topk: int) -> int:
