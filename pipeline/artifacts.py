@@ -314,6 +314,9 @@ class Store:
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
+            if path.is_dir():  # only a rename publishes a version, and only with its manifest
+                raise CorruptArtifact(f"{path / MANIFEST} is missing (removed after it was published); "
+                                      f"{broken(path)}") from None
             return None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CorruptArtifact(f"{path / MANIFEST} is not valid JSON ({e}); {broken(path)}") from e
@@ -337,7 +340,8 @@ class Store:
 
     @contextlib.contextmanager
     def _verified(self):
-        """The cache of verified file stamps, saved back when it changed."""
+        """The cache of verified file stamps, saved back when it changed and the store can be
+        written (on a read-only store, a team's published models, every file is hashed instead)."""
         try:
             cache = json.loads(self._verified_path.read_text())
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
@@ -347,8 +351,12 @@ class Store:
             yield cache
         finally:
             if cache != before:
-                self._verified_path.parent.mkdir(parents=True, exist_ok=True)
-                _write_json_durably(self._verified_path, cache, unique_tmp=True)
+                try:
+                    self._verified_path.parent.mkdir(parents=True, exist_ok=True)
+                    _write_json_durably(self._verified_path, cache, unique_tmp=True)
+                except OSError as e:
+                    if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                        raise
 
     def verify(self, artifact: Artifact, full: bool = False) -> None:
         """Verify ``artifact`` (see :meth:`Artifact.verify`), reading only files not verified
@@ -358,6 +366,14 @@ class Store:
                 for name in artifact.manifest.get("files", {}):
                     cache.pop(str(artifact.path / name), None)
             artifact.verify(cache)
+
+    def lock_path(self, stage: str, version: str) -> Path:
+        return self.stage_dir(stage) / f".lock-{version}"
+
+    def unless_building(self, stage: str, version: str, create: bool = True):
+        """A context that holds the version's build lock, so that its files can be removed while
+        no run builds it; it yields None, or the pid of the run that is building it."""
+        return _unless_locked(self.lock_path(stage, version), create)
 
     def quarantine(self, stage: str, version: str) -> Path:
         """Move a broken published version aside (``.broken-<version>-<time>``), so that it is
@@ -514,16 +530,11 @@ def _exclusive(lock_path: Path, spec: StageSpec, wait: bool):
     """Hold the version's lock; the file names the holder's pid for whoever waits on it. The
     kernel drops the lock when the holder dies, however it dies."""
     with open(lock_path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
+        holder = _try_flock(f)
+        if holder is not None:
             if not wait:
                 raise StoreBusy(f"another run (pid {holder}) is building {spec.stage} version {spec.version} "
-                                f"(lock {lock_path} is held); wait for it to finish or stop it") from e
+                                f"(lock {lock_path} is held); wait for it to finish or stop it")
             print(f"{spec.stage} {spec.version}: another run (pid {holder}) is building it; waiting for it "
                   f"to finish", file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -535,6 +546,38 @@ def _exclusive(lock_path: Path, spec: StageSpec, wait: bool):
         finally:
             f.truncate(0)
             f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _try_flock(f) -> str | None:
+    """Take the lock of the open file ``f`` without waiting: None when taken, else the holder's pid
+    as the file names it."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+    f.seek(0)
+    return f.read().strip() or "unknown"
+
+
+@contextlib.contextmanager
+def _unless_locked(lock_path: Path, create: bool = True):
+    """Yield None while holding ``lock_path``'s lock (no run can start building meanwhile), or the
+    pid of the process that holds it. Without ``create``, a missing lock file (no run ever took
+    it) yields None and creates nothing."""
+    if not create and not lock_path.exists():
+        yield None
+        return
+    with open(lock_path, "a+") as f:
+        holder = _try_flock(f)
+        if holder is not None:
+            yield holder
+            return
+        try:
+            yield None
+        finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

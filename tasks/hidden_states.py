@@ -33,7 +33,7 @@ class HiddenStates(Stage):
         settings = pipeline_settings()
         return {"token_budget": self.token_budget, "heldout_fraction": self.heldout_fraction,
                 "seq_len": self.seq_len, "part_tokens": self.part_tokens,
-                "world_size": settings.nproc_per_node * settings.nnodes}
+                "world_size": settings.world_size()}
 
     def needs(self, inputs):
         from pipeline.resources import Needs, model_bytes

@@ -48,6 +48,18 @@ class pipeline_settings(luigi.Config):
     nnodes = luigi.IntParameter(description="torchrun nodes")
     rdzv_endpoint = luigi.Parameter(description="torchrun rendezvous host:port when nnodes > 1")
 
+    def world_size(self) -> int:
+        """nproc_per_node x nnodes, checked, so that a run torchrun cannot start (or would wait for
+        forever) is refused before any work."""
+        for name in ("nproc_per_node", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"[pipeline] {name} is {getattr(self, name)}, expected at least 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"[pipeline] nnodes is {self.nnodes} and rdzv_endpoint is empty: the nodes of a "
+                             f"multi-node run meet at a rendezvous; set rdzv_endpoint = host:port, the same on every "
+                             f"node (e.g. --pipeline-rdzv-endpoint node0:29500)")
+        return self.nproc_per_node * self.nnodes
+
     def architecture(self):
         """The GPTJConfig of the model this run compresses: the checkpoint's, or the preset's."""
         from pipeline.models.config import checkpoint_config
@@ -168,10 +180,10 @@ class Stage(luigi.Task):
         and this stage stops with the file's name (the next run rebuilds it)."""
         inputs = {}
         for name, task in self.upstream().items():
-            artifact = store.get(task.stage_name, task.version)
-            if artifact is None:
-                raise RuntimeError(f"upstream {task.stage_name} {task.version} is not published")
             try:
+                artifact = store.get(task.stage_name, task.version)
+                if artifact is None:
+                    raise RuntimeError(f"upstream {task.stage_name} {task.version} is not published")
                 store.verify(artifact)
             except CorruptArtifact as e:
                 store.quarantine(task.stage_name, task.version)
@@ -264,9 +276,19 @@ def check_config(classes) -> None:
                 kind = next((k for t, k in _KINDS.items() if isinstance(param, t)), "a valid value")
                 if isinstance(param, luigi.ChoiceParameter):
                     kind = "one of " + ", ".join(sorted(str(c) for c in param._choices))
-                files = ", ".join(str(p) for p in conf._config_paths if Path(p).is_file())
-                raise SystemExit(f"error: the Luigi configuration ({files}) sets [{section}] {name} = {raw!r}; "
+                raise SystemExit(f"error: {_file_setting(conf, section, name, raw)} sets [{section}] {name} = {raw!r}; "
                                  f"expected {kind}") from None
+
+
+def _file_setting(conf, section: str, name: str, raw: str) -> str:
+    """The configuration file that sets ``[section] name`` to ``raw`` (the last one Luigi read)."""
+    import configparser
+
+    for path in reversed(conf._config_paths):
+        parser = configparser.ConfigParser(interpolation=None)
+        if Path(path).is_file() and parser.read(path) and parser.get(section, name, fallback=None) == raw:
+            return str(path)
+    return "the Luigi configuration"
 
 
 def run_logged(cmd: list[str], log_path: Path) -> None:

@@ -44,7 +44,7 @@ class TrainingStage(Stage):
             if params[name] <= 0:
                 raise ValueError(f"{self.stage_name} {name} is {params[name]}, expected a positive integer")
         settings = pipeline_settings()
-        return {**params, "world_size": settings.nproc_per_node * settings.nnodes}
+        return {**params, "world_size": settings.world_size()}
 
     def training_needs(self, student: float, teacher: float = 0.0, export_int8: bool = False):
         from pipeline import resources

@@ -210,6 +210,9 @@ CASES = {
     "35": environment("PIPELINE_DISK_LIMIT_GB", "0.0001", "Corpus"),
     "36": environment("PIPELINE_MEMORY_LIMIT_GB", "0", "Corpus"),
     "37": environment("PIPELINE_DISK_LIMIT_GB", "lots", "Corpus"),
+    # torchrun settings a run could not start with
+    "38": luigi("BaseModel", "--pipeline-nnodes", "2"),
+    "39": luigi("BaseModel", "--pipeline-nproc-per-node", "0"),
 }
 SETUP = {"10": fake_corpus_artifact, "11": fake_corpus_artifact, "29": fake_corpus_artifact}
 

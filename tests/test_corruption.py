@@ -37,6 +37,10 @@ def truncate(path: Path) -> None:
         f.truncate(path.stat().st_size - 7)
 
 
+def remove(path: Path) -> None:
+    path.unlink()  # the chain's file keeps its other link
+
+
 def only_version(store: Path, stage: str) -> Path:
     """The stage's published version (the first, for a stage with several instances)."""
     return sorted(p for p in (store / stage).iterdir() if not p.name.startswith("."))[0]
@@ -48,6 +52,8 @@ SCENARIOS = {
     "through-Moefied": ([("Corpus", "train.npy", flip), ("HiddenStates", "shard-0-0001.h5", flip),
                          ("Routers", "routers.safetensors", truncate), ("Moefied", "report.md", truncate)],
                         None, "Moefied"),
+    # a version directory whose manifest was deleted: broken, moved aside and rebuilt like any other
+    "manifest-removed": ([("HiddenStates", "manifest.json", remove)], None, "HiddenStates"),
 }
 
 
@@ -80,11 +86,11 @@ def test_damaged_files_are_reported_then_rebuilt(chain, tmp_path, scenario):
 
     proc = commands.run([sys.executable, "-m", "luigi", "--module", "tasks", run, *TWO_RANKS], roots=[store],
                         cwd=chain.root, env=env)
-    for stage, name, _ in damages:
+    for stage, name, damage in damages:
         version = versions[stage]
         assert f"warning: {stage}: {version / name}" in proc.stderr
         [moved] = list((store / stage).glob(f".broken-{version.name}-*"))
-        assert (moved / name).is_file(), "the broken version is kept aside for inspection"
+        assert moved.is_dir() and ((moved / name).is_file() or damage is remove), "the broken version is kept aside"
         rebuilt = store / stage / version.name
         assert rebuilt.is_dir(), "the rebuild is the same version"
         new, ref = (json.loads((p / "manifest.json").read_text())["files"]

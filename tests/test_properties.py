@@ -60,7 +60,7 @@ def test_config_values_either_parse_or_get_one_sentence(typed, raw):
             with pytest.raises(SystemExit) as e:
                 check_config([cls])
             message = str(e.value)
-            assert message.startswith("error: the Luigi configuration (")
+            assert message.startswith("error: the Luigi configuration sets")
             assert f"sets [{section}] {name} = {raw!r}; expected " in message
             assert "\n" not in message
 
