@@ -26,6 +26,10 @@ from pipeline.artifacts import CRASH_ENV, Artifact
 STAGES = ["Corpus", "BaseModel", "ReluModel", "HiddenStates", "ExpertClusters", "Routers", "Moefied",
           "PruningMasks", "FinalCompressed", "Report"]
 TRAINING = {"BaseModel", "ReluModel", "FinalCompressed"}
+# trained tensors, compared within a tolerance like the models: router training (Adam on CPU) came
+# out 2.4e-7 apart in one of about ten fresh-process rebuilds, with nothing resumed
+TRAINED_FILES = {"BaseModel": "model.safetensors", "ReluModel": "model.safetensors",
+                 "FinalCompressed": "model.safetensors", "Routers": "routers.safetensors"}
 PUBLISH_STEPS = ["before-manifest", "before-rename", "after-rename"]
 # for the first kill of a stage that saves progress: its first saved piece
 MILESTONES = {"BaseModel": "resume/checkpoint.pt", "ReluModel": "resume/checkpoint.pt",
@@ -125,12 +129,16 @@ def compare_with_chain(stage: str, rebuilt: Path, reference: Path) -> dict:
     assert set(new["files"]) == set(ref["files"])
     timed = TIMED | TIMED_BY_STAGE.get(stage, set())
     differ = sorted(n for n in ref["files"] if n not in timed and new["files"][n]["sha256"] != ref["files"][n]["sha256"])
-    if stage in TRAINING:
+    if stage in TRAINED_FILES:
         # training is required to match within tolerance; the figures say whether it was exact
-        a, b = load_file(str(rebuilt / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+        name = TRAINED_FILES[stage]
+        a, b = load_file(str(rebuilt / name)), load_file(str(reference / name))
         worst = max((a[k] - b[k]).abs().max().item() for k in b)
-        assert worst <= 1e-4, f"{stage}: weights differ by up to {worst}"
-        assert new["metrics"]["valid_perplexity"] == pytest.approx(ref["metrics"]["valid_perplexity"], rel=1e-3)
+        assert worst <= 1e-4, f"{stage}: trained weights differ by up to {worst}"
+        if stage not in TRAINING:  # a model's other files follow its weights; routers have none
+            assert set(differ) <= {name}, f"{stage}: {differ} differ from the uninterrupted build"
+        key = "valid_perplexity" if stage in TRAINING else "mean_router_coverage"
+        assert new["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-3)
         return {"exact": not differ, "max_weight_difference": worst}
     assert differ == [], f"{stage}: {differ} differ from the uninterrupted build"
     assert untimed(new["metrics"]) == untimed(ref["metrics"])
