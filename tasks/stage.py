@@ -10,7 +10,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 import luigi
@@ -294,7 +293,6 @@ def _file_setting(conf, section: str, name: str, raw: str) -> str:
 def run_logged(cmd: list[str], log_path: Path) -> None:
     """Run ``cmd``, streaming its output to the console and to ``log_path``; raise with the tail of
     the output when it fails."""
-    tail: deque[str] = deque(maxlen=20)
     lines: list[str] = []
     logger.info("running: %s", " ".join(cmd))
     with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -303,11 +301,11 @@ def run_logged(cmd: list[str], log_path: Path) -> None:
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)
-            tail.append(line)
             lines.append(line)
         code = proc.wait()
     if code != 0:
-        raise CommandFailed(f"command failed with exit code {code}: {' '.join(cmd)}\n" + "".join(tail), "".join(lines))
+        output = "".join(lines)
+        raise CommandFailed(f"command failed with exit code {code}: {' '.join(cmd)}\n" + "".join(lines[-20:]), output)
 
 
 def graph(targets: list[Stage]) -> list[Stage]:
