@@ -299,6 +299,9 @@ class Build:
 class Store:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else artifacts_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"the artifact store {self.root} is not a directory; point {ROOT_ENV} at a directory "
+                             f"(it is created when missing)")
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage

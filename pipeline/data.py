@@ -54,7 +54,13 @@ def split(root: Path, files: list[Path], valid_fraction: float) -> tuple[list[Pa
     n_valid = sum(score(p) < valid_fraction for p in files)
     n_valid = min(max(n_valid, 1), len(files) - 1)
     valid = set(scored[:n_valid])
-    return [p for p in files if p not in valid], [p for p in files if p in valid]
+    splits = [p for p in files if p not in valid], [p for p in files if p in valid]
+    for name, part in zip(("train", "valid"), splits):
+        if not any(p.stat().st_size for p in part):
+            shown = ", ".join(str(p) for p in part[:3]) + (", ..." if len(part) > 3 else "")
+            raise ValueError(f"Corpus files: the {name} split ({len(part)} file(s): {shown}) holds no text, only "
+                             f"empty files; expected text in both splits (add files or change valid_fraction)")
+    return splits
 
 
 def file_list_hash(root: Path, files: list[Path]) -> str:
@@ -65,7 +71,23 @@ def file_list_hash(root: Path, files: list[Path]) -> str:
 
 
 def read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
+    """A corpus file's text: UTF-8, refused when it is not (a replacement character would be
+    trained on silently) or when it holds NUL bytes (a binary file, tokenised as text)."""
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise ValueError(f"Corpus files: {path} holds NUL bytes at offset {raw.index(0)}, so it is binary, not text "
+                         f"(expected UTF-8 text files; narrow the glob)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Corpus files: {path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         f"expected UTF-8 text files (convert it, e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def check_texts(files: list[Path], max_bytes: int = 0) -> None:
+    """Read what a split will read, so that a bad file is refused before any tokenizer is trained."""
+    for _ in _texts(files, max_bytes):
+        pass
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, max_bytes: int = 0):
@@ -90,9 +112,12 @@ def load_tokenizer(path: Path):
 
 
 def _texts(files: list[Path], max_bytes: int):
+    """Each file's text, in order; with ``max_bytes``, that many characters in all (the last file cut)."""
     total = 0
     for p in files:
         text = read_text(p)
+        if max_bytes:
+            text = text[:max_bytes - total]
         yield text
         total += len(text)
         if max_bytes and total >= max_bytes:

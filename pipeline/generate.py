@@ -86,21 +86,30 @@ def generate(model, ids: list[int], new_tokens: int, temperature: float = 0.0, s
     return ids
 
 
+def check_vocabulary(tokenizer, tokenizer_file: Path, path: Path) -> None:
+    """Refuse a tokenizer whose ids the model has no embedding for."""
+    import json
+
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    if tokenizer.get_vocab_size() > vocab:
+        raise UsageError(f"--tokenizer {tokenizer_file} has {tokenizer.get_vocab_size()} tokens, more than the "
+                         f"model's vocabulary of {vocab} ({path / 'config.json'} vocab_size); use the tokenizer the "
+                         f"model was trained with")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=32)
+    p.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, help=f"a tokenizers JSON file (default: the model directory's {TOKENIZER})")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=cli.non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--moe-path", choices=tuple(MOE_PATHS), default="auto",
                    help="MoE FFNs: the chosen experts only (sparse), every neuron masked (dense), or by the share "
                         "of experts a call uses, from the crossover measured at export (auto)")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens is {args.max_new_tokens}, expected a positive integer")
     path = resolve(args.model)
     if args.tokenizer is not None and not args.tokenizer.is_file():
         raise UsageError(f"--tokenizer {args.tokenizer} does not exist")
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    check_vocabulary(tokenizer, tokenizer_file, path)
     model = load_model(path, args.moe_path)
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from pipeline import cli
+from pipeline.cli import UsageError
 from pipeline.models.config import GPTJConfig
 
 GB = 1024**3
@@ -70,19 +72,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m pipeline.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--world-size", type=cli.positive_int, default=1)
     p.add_argument("--sharding", choices=("ddp", "fsdp"), default="fsdp")
-    p.add_argument("--batch-per-rank", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--compute-bytes", type=int, default=2, help="2 for bf16/fp16 compute, 4 for fp32")
-    p.add_argument("--device-memory-gb", type=float, default=80.0)
+    p.add_argument("--batch-per-rank", type=cli.positive_int, default=1)
+    p.add_argument("--seq-len", type=cli.positive_int, default=2048)
+    p.add_argument("--compute-bytes", type=int, choices=(2, 4), default=2, help="2 for bf16/fp16 compute, 4 for fp32")
+    p.add_argument("--device-memory-gb", type=cli.positive_float, default=80.0)
     p.add_argument("--teacher", help="a teacher model name: distilling holds it too")
     args = p.parse_args(argv)
     try:
         config, _ = resolve_model(args.model)
         teacher = resolve_model(args.teacher)[0] if args.teacher else None
     except ValueError as e:
-        p.error(str(e))
+        raise UsageError(str(e)) from None
     result = plan(config, args.world_size, args.sharding, args.batch_per_rank, args.seq_len, args.compute_bytes,
                   args.device_memory_gb * GB, teacher)
     print(f"{args.model} ({config.num_params() / 1e9:.2f}e9 parameters), {args.sharding} over {args.world_size} "
@@ -92,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

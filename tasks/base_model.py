@@ -7,6 +7,8 @@ import shutil
 from pipeline.artifacts import content_hash
 from tasks.corpus import Corpus
 from tasks.stage import pipeline_settings
+
+IMPORT_ONLY = {"gpt-j"}  # presets too large to pretrain from scratch here: they need a checkpoint
 from tasks.training import TrainingStage, train_model_name
 
 
@@ -14,13 +16,23 @@ class BaseModel(TrainingStage):
     def upstream(self):
         return {"Corpus": Corpus()}
 
+    @classmethod
+    def instance(cls, params: dict) -> dict:
+        """The model preset, or the checkpoint imported: which model everything downstream compresses."""
+        return {k: params[k] for k in ("model", "checkpoint_sha256") if k in params}
+
     def effective_params(self) -> dict:
         from pipeline.models.presets import get_preset
 
         settings = pipeline_settings()
-        get_preset(settings.model)
-        params = {"model": settings.model, "eval_tokens": self.eval_tokens, "seq_len": self.seq_len}
+        preset = get_preset(settings.model)
         checkpoint = settings.checkpoint_dir()
+        if settings.model in IMPORT_ONLY and not checkpoint:
+            raise ValueError(f"the {settings.model} preset is GPT-J-6B ({preset.num_params() / 1e9:.2f}e9 parameters), "
+                             f"which this pipeline compresses from a pretrained checkpoint rather than pretraining "
+                             f"it: pass CHECKPOINT=/path/to/gpt-j-6b (make) or --pipeline-checkpoint (luigi), a "
+                             f"Hugging Face GPT-J directory")
+        params = {"model": settings.model, "eval_tokens": self.eval_tokens, "seq_len": self.seq_len}
         if checkpoint:
             params["checkpoint_sha256"] = content_hash(checkpoint)
             return params

@@ -9,6 +9,7 @@ import luigi
 
 from pipeline import data
 from pipeline.artifacts import sha256_file
+from tasks.params import Count, Number
 from tasks.stage import Stage, pipeline_settings
 
 
@@ -22,15 +23,19 @@ def checkpoint_tokenizer(checkpoint: Path) -> Path:
 
 class Corpus(Stage):
     files = luigi.Parameter(description="glob of text files; empty: the interpreter's standard library")
-    valid_fraction = luigi.FloatParameter(description="share of files held out for validation")
-    max_bytes = luigi.IntParameter(description="stop reading each split after this many characters (0: all)")
+    valid_fraction = Number(above=0, below=1, description="share of files held out for validation")
+    max_bytes = Count(zero="all", description="stop reading each split after this many characters (0: all)")
+
+    @classmethod
+    def instance(cls, params: dict) -> dict:
+        """The vocabulary the tokens are in: the preset's size, or a checkpoint's tokenizer."""
+        return {k: params[k] for k in ("vocab_size", "tokenizer_sha256") if k in params}
 
     def effective_params(self) -> dict:
         from pipeline.models.presets import get_preset
 
-        if not 0 < self.valid_fraction < 1:
-            raise ValueError(f"Corpus valid_fraction is {self.valid_fraction}, expected a number between 0 and 1")
         root, files = data.discover(self.files)
+        data.split(root, files, self.valid_fraction)  # both splits hold text
         params = {"files": self.files, "valid_fraction": self.valid_fraction, "max_bytes": self.max_bytes,
                   "file_list": data.file_list_hash(root, files)}
         if not self.files:
@@ -56,6 +61,9 @@ class Corpus(Stage):
     def build(self, build, inputs) -> None:
         root, files = data.discover(self.files)
         train, valid = data.split(root, files, self.valid_fraction)
+        with build.timed("check"):
+            data.check_texts(train, self.max_bytes)
+            data.check_texts(valid, self.max_bytes)
         tok_path = build.path / "tokenizer.json"
         with build.timed("tokenizer"):
             if "vocab_size" in self.spec().params:
@@ -76,3 +84,16 @@ class Corpus(Stage):
             "token_dtype": str(data.token_dtype(tokenizer.get_vocab_size())),
             "python": platform.python_version(), "file_list": self.spec().params["file_list"],
         })
+
+
+def split_tokens(corpus) -> dict[str, int]:
+    """The tokens in each split of a published Corpus: {"train": n, "valid": n}."""
+    return {"train": corpus.metrics["tokens_train"], "valid": corpus.metrics["tokens_valid"]}
+
+
+def check_windows(corpus, seq_len: int, splits=("train", "valid")) -> None:
+    """Refuse a corpus split too short for one window of ``seq_len`` tokens (and its target)."""
+    for name, n in split_tokens(corpus).items():
+        if name in splits and n < seq_len + 1:
+            raise ValueError(f"the Corpus {name} split holds {n} tokens, fewer than one window of seq_len "
+                             f"{seq_len} + 1; add text to the {name} files or lower seq_len")

@@ -7,15 +7,20 @@ import luigi
 
 from tasks.hidden_states import HiddenStates
 from tasks.relu_model import ReluModel
+from tasks.params import Choice, Count
 from tasks.stage import Stage, pipeline_settings
 
 
 class ExpertClusters(Stage):
-    num_expert = luigi.IntParameter(description="experts per FFN layer (must divide d_ff)")
-    method = luigi.ChoiceParameter(choices=("balanced_kmeans", "coactivation", "random"))
+    num_expert = Count(description="experts per FFN layer (must divide d_ff)")
+    method = Choice(choices=("balanced_kmeans", "coactivation", "random"))
     seed = luigi.IntParameter()
-    iterations = luigi.IntParameter()
-    sample_tokens = luigi.IntParameter(description="coactivation: training tokens per neuron profile")
+    iterations = Count(description="k-means iterations")
+    sample_tokens = Count(description="coactivation: training tokens per neuron profile")
+
+    @classmethod
+    def instance(cls, params: dict) -> dict:
+        return {"method": params["method"]}
 
     def upstream(self):
         ups = {"ReluModel": ReluModel()}

@@ -20,6 +20,7 @@ from tasks.corpus import Corpus
 from tasks.pruning_masks import PruningMasks
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
+from tasks.params import Choice
 from tasks.stage import pipeline_settings
 from tasks.training import DistillingStage, train_model_name, unused_distill_params
 
@@ -36,8 +37,8 @@ class FinalCompressed(DistillingStage):
     pruning = toggle("hold the PruningMasks 2:4 masks (BMPrune)")
     moe = toggle("fine-tune the ReLU model with MoE routing active (BMMoE); false: the base model, dense")
     distill = toggle("distillation from the base model (BMDistill)")
-    int8_grad = luigi.ChoiceParameter(choices=("float", "int8"),
-                                      description="QAT backward: straight-through in float, or cpm_kernels' int8")
+    int8_grad = Choice(choices=("float", "int8"),
+                       description="QAT backward: straight-through in float, or cpm_kernels' int8")
 
     def upstream(self):
         ups = {"Corpus": Corpus(), "BaseModel": BaseModel()}
@@ -57,6 +58,10 @@ class FinalCompressed(DistillingStage):
 
     def effective_params(self) -> dict:
         return {**self.training_params(), **{t: getattr(self, t) for t in TOGGLES}, "eval_tokens": self.eval_tokens}
+
+    @classmethod
+    def instance(cls, params: dict) -> dict:
+        return {t: params[t] for t in TOGGLES}
 
     @property
     def variant(self) -> str:

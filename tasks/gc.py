@@ -1,31 +1,116 @@
-"""``python -m tasks.gc [--dry-run] [luigi overrides]``: remove artifact versions (and
-abandoned scratch directories) that the current graph no longer reaches, and the broken versions
-that runs moved aside."""
+"""``python -m tasks.gc [--dry-run] [--only-current] [--allow-last] [luigi overrides]``: remove the
+artifact versions nobody needs, saying why each one goes.
+
+What stays, by default: every version the current graph reaches, and for every model and
+checkpoint ever built, the newest version of each stage instance (a slot: the stage, the
+parameters that tell its instances apart, such as FinalCompressed's toggles, and the slots of its
+inputs, down to the model preset or checkpoint), with everything those versions were built
+from. So switching ``MODEL=`` and running gc never removes another model's latest work.
+``--only-current`` keeps the current graph alone. What goes: older versions of a slot,
+unfinished builds that no live run holds, broken versions that runs moved aside, and version
+directories without a manifest. gc refuses to leave a stage without any published version
+unless ``--allow-last`` is given."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import shutil
-import sys
 from pathlib import Path
 
-from pipeline.artifacts import BROKEN_PREFIX, MANIFEST, Store
-from tasks.status import parse_graph_command
+from pipeline import cli
+from pipeline.artifacts import BROKEN_PREFIX, Artifact, Store
+from tasks.status import open_store, parse_graph_command, stage_classes
+
+SCRATCH, LOCK = ".scratch-", ".lock-"
 
 
-def unreachable(store: Store, keep: set[tuple[str, str]]) -> list[Path]:
-    out = []
+@dataclasses.dataclass
+class Removal:
+    stage: str
+    version: str  # for a broken copy, its directory name
+    paths: list[Path]
+    reason: str
+
+
+def slots(published: dict[str, Artifact]) -> dict[str, tuple]:
+    """{version: slot} for every published version (see the module's docstring)."""
+    classes = stage_classes()
+    found: dict[str, tuple] = {}
+
+    def slot(version: str) -> tuple:
+        if version not in found:
+            artifact = published.get(version)
+            if artifact is None:  # an input removed already: the slot cannot be traced further
+                return ("?", version)
+            stage = artifact.manifest["stage"]
+            cls = classes.get(stage)
+            own = tuple(sorted(cls.instance(artifact.manifest["params"]).items())) if cls else ()
+            inputs = tuple(sorted((name, slot(v)) for name, v in artifact.manifest.get("upstream", {}).items()))
+            found[version] = (stage, own, inputs)
+        return found[version]
+
+    for version in published:
+        slot(version)
+    return found
+
+
+def keep_set(published: dict[str, Artifact], current: set[str], only_current: bool) -> dict[str, str]:
+    """{version kept: why}; a kept version keeps the versions it was built from."""
+    keep = {v: "in the current graph" for v in current if v in published}
+    if not only_current:
+        for version in sorted(set(_newest_by_slot(published).values())):
+            keep.setdefault(version, "the newest of its stage instance")
+    todo = list(keep)
+    while todo:
+        for version in published[todo.pop()].manifest.get("upstream", {}).values():
+            if version in published and version not in keep:
+                keep[version] = "an input of a kept version"
+                todo.append(version)
+    return keep
+
+
+def removals(store: Store, current: set[str], only_current: bool) -> tuple[list[Removal], dict[str, str]]:
+    """What gc removes, grouped by version, each with its reason; and what it keeps."""
+    published = {a.version: a for stage in store.stages() for a in store.versions(stage)}
+    keep = keep_set(published, current, only_current)
+    newer = _newest_by_slot(published)
+    out: dict[tuple[str, str], Removal] = {}
     for stage in store.stages():
         for child in sorted(store.stage_dir(stage).iterdir()):
             if child.name.startswith(BROKEN_PREFIX):
-                out.append(child)
+                out[stage, child.name] = Removal(stage, child.name, [child], "a broken version a run moved aside")
                 continue
-            version = child.name.removeprefix(".scratch-").removeprefix(".lock-")
-            if child.name.startswith(".") and version == child.name:
-                continue  # not ours
-            if (stage, version) not in keep:
-                out.append(child)
-    return out
+            version = child.name.removeprefix(SCRATCH).removeprefix(LOCK)
+            if (child.name.startswith(".") and version == child.name) or version in keep:
+                continue  # not the store's, or kept
+            removal = out.setdefault((stage, version), Removal(stage, version, [], ""))
+            removal.paths.append(child)
+            if version in published:
+                removal.reason = ("not in the current graph (--only-current)" if only_current else
+                                  f"superseded by {newer[version]}, a newer build of the same stage instance")
+            elif child.name.startswith(SCRATCH):
+                removal.reason = "an unfinished build that no live run holds"
+            elif not child.name.startswith(LOCK):
+                removal.reason = "a version directory without a valid manifest (broken)"
+            removal.reason = removal.reason or "the lock file of a finished build"
+    return list(out.values()), keep
+
+
+def _newest_by_slot(published: dict[str, Artifact]) -> dict[str, str]:
+    """{version: the newest version of its slot}."""
+    slot_of = slots(published)
+    newest = {}
+    for version, artifact in sorted(published.items(), key=lambda kv: kv[1].manifest.get("created", "")):
+        newest[slot_of[version]] = version
+    return {v: newest[slot_of[v]] for v in published}
+
+
+def emptied(store: Store, doomed: list[Removal]) -> list[str]:
+    """The stages that would be left without any published version."""
+    gone = {(r.stage, r.version) for r in doomed}
+    return [stage for stage in store.stages()
+            if (versions := store.versions(stage)) and all((stage, a.version) in gone for a in versions)]
 
 
 def size_of(path: Path) -> int:
@@ -34,47 +119,52 @@ def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def by_version(doomed: list[Path]) -> dict[tuple[str, str], list[Path]]:
-    """The paths to remove grouped by (stage, version); a broken copy moved aside is its own group."""
-    groups: dict[tuple[str, str], list[Path]] = {}
-    for path in doomed:
-        version = path.name if path.name.startswith(BROKEN_PREFIX) else \
-            path.name.removeprefix(".scratch-").removeprefix(".lock-")
-        groups.setdefault((path.parent.name, version), []).append(path)
-    return groups
+def remove(store: Store, removal: Removal, dry_run: bool) -> tuple[int, int] | None:
+    """Remove one version's paths: (paths, bytes freed), or None when a live run holds it."""
+    lock = contextlib.nullcontext() if removal.version.startswith(BROKEN_PREFIX) else \
+        store.unless_building(removal.stage, removal.version, create=not dry_run)
+    with lock as builder:
+        if builder is not None:  # a live run holds it (it may be resuming from its scratch)
+            held = [str(p) for p in removal.paths if not p.name.startswith(LOCK)]
+            print(f"skipping {', '.join(held)}: the run with pid {builder} is building {removal.stage} "
+                  f"{removal.version}")
+            return None
+        count = total = 0
+        for path in removal.paths:
+            if path.name.startswith(LOCK):
+                continue  # removed last, below
+            size = size_of(path)
+            count, total = count + 1, total + size
+            print(f"{'would remove' if dry_run else 'removing'} {path} ({size / 1e6:.1f} MB): {removal.reason}")
+            if not dry_run:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if not dry_run and not removal.version.startswith(BROKEN_PREFIX):
+            store.lock_path(removal.stage, removal.version).unlink(missing_ok=True)  # held until this block ends
+    return count, total
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tasks.gc", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed and why, remove nothing")
+    p.add_argument("--only-current", action="store_true",
+                   help="keep only the current graph: remove every other model's and configuration's versions")
+    p.add_argument("--allow-last", action="store_true", help="allow removing a stage's last published version")
     args, specs = parse_graph_command(p, argv)
-    store = Store()
-    total = removed = skipped = 0
-    for (stage, version), paths in by_version(unreachable(store, {(s.stage, s.version) for s in specs})).items():
-        lock = contextlib.nullcontext() if version.startswith(BROKEN_PREFIX) else \
-            store.unless_building(stage, version, create=not args.dry_run)
-        with lock as builder:
-            if builder is not None:  # a live run holds it (it may be resuming from its scratch)
-                held = [str(p) for p in paths if not p.name.startswith(".lock-")]
-                print(f"skipping {', '.join(held)}: the run with pid {builder} is building {stage} {version}")
-                skipped += 1
-                continue
-            for path in paths:
-                if path.name.startswith(".lock-"):
-                    continue  # removed last, below
-                size = size_of(path)
-                total, removed = total + size, removed + 1
-                print(f"{'would remove' if args.dry_run else 'removing'} {path} ({size / 1e6:.1f} MB)")
-                if not args.dry_run:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-            if not args.dry_run and not version.startswith(BROKEN_PREFIX):
-                store.lock_path(stage, version).unlink(missing_ok=True)  # held until the end of this block
-    verb = "would free" if args.dry_run else "freed"
-    kept = sum(store.version_dir(s.stage, s.version).joinpath(MANIFEST).is_file() for s in specs)
-    print(f"{removed} path(s), {verb} {total / 1e6:.1f} MB; kept {kept} current version(s)"
+    store = open_store()
+    doomed, keep = removals(store, {s.version for s in specs}, args.only_current)
+    if (empty := emptied(store, doomed)) and not args.allow_last:
+        raise cli.UsageError(f"this would remove the last published version of {', '.join(empty)}; nothing was "
+                             f"removed (pass --allow-last to remove them anyway)")
+    results = [remove(store, r, args.dry_run) for r in doomed]
+    done = [r for r in results if r is not None]
+    current = sum(why == "in the current graph" for why in keep.values())
+    skipped = len(results) - len(done)
+    print(f"{sum(n for n, _ in done)} path(s), {'would free' if args.dry_run else 'freed'} "
+          f"{sum(b for _, b in done) / 1e6:.1f} MB; kept {current} current version(s) and {len(keep) - current} "
+          f"other(s) (the newest of every stage instance ever built, and their inputs)"
           f"{f'; skipped {skipped} that a live run is building' if skipped else ''}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

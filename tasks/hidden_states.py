@@ -2,38 +2,36 @@
 in one HDF5 file joined from per-rank shards (torchrun)."""
 from __future__ import annotations
 
-import luigi
 
 from tasks.corpus import Corpus
 from tasks.relu_model import ReluModel
+from tasks.params import Count, Number, SeqLen
 from tasks.stage import Stage, pipeline_settings, run_logged
 
 
 class HiddenStates(Stage):
     ENTRY = "pipeline.moefication.hidden"
-    token_budget = luigi.IntParameter(description="tokens to run through the model")
-    heldout_fraction = luigi.FloatParameter(description="share of the budget taken from the valid split")
-    seq_len = luigi.IntParameter()
-    batch_size = luigi.IntParameter()
-    part_tokens = luigi.IntParameter(description="tokens per shard file: a crash recomputes at most one "
+    token_budget = Count(at_least="seq_len", description="tokens to run through the model")
+    heldout_fraction = Number(at_least=0, below=1, description="share of the budget taken from the valid split")
+    seq_len = SeqLen()
+    batch_size = Count(description="windows per forward")
+    part_tokens = Count(at_least="seq_len", description="tokens per shard file: a crash recomputes at most one "
                                                                 "shard per rank")
 
     def upstream(self):
         return {"Corpus": Corpus(), "ReluModel": ReluModel()}
 
     def effective_params(self) -> dict:
-        if self.token_budget < self.seq_len:
-            raise ValueError(f"HiddenStates token_budget is {self.token_budget}, expected at least one window "
-                             f"of seq_len {self.seq_len}")
-        if self.part_tokens < self.seq_len:
-            raise ValueError(f"HiddenStates part_tokens is {self.part_tokens}, expected at least one window "
-                             f"of seq_len {self.seq_len}")
-        if not 0 <= self.heldout_fraction < 1:
-            raise ValueError(f"HiddenStates heldout_fraction is {self.heldout_fraction}, expected 0 <= x < 1")
         settings = pipeline_settings()
         return {"token_budget": self.token_budget, "heldout_fraction": self.heldout_fraction,
                 "seq_len": self.seq_len, "part_tokens": self.part_tokens,
                 "world_size": settings.world_size()}
+
+    def check_inputs(self, inputs) -> None:
+        from pipeline.moefication.hidden import plan_windows
+
+        if "Corpus" in inputs:
+            plan_windows(inputs["Corpus"].path, self.seq_len, self.token_budget, self.heldout_fraction)
 
     def needs(self, inputs):
         from pipeline.resources import Needs, model_bytes
@@ -53,10 +51,7 @@ class HiddenStates(Stage):
 
         from pipeline import launch
         from pipeline.moefication.files import HIDDEN
-        from pipeline.moefication.hidden import plan_windows
-
         settings = pipeline_settings()
-        plan_windows(inputs["Corpus"].path, self.seq_len, self.token_budget, self.heldout_fraction)  # fits the corpus?
         # finished shards survive a crash: the scratch directory is kept while this marker exists
         build.resume_dir.mkdir(exist_ok=True)
         (build.resume_dir / "shards-in-progress").touch()

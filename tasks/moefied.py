@@ -2,26 +2,27 @@
 several top-k, with the MLP routers, with groundtruth selection and on a random split."""
 from __future__ import annotations
 
-import luigi
-
-from tasks.corpus import Corpus
+from tasks.corpus import Corpus, check_windows
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
+from tasks.params import Count, SeqLen
 from tasks.stage import Stage
 
 
 class Moefied(Stage):
-    eval_tokens = luigi.IntParameter(description="validation tokens per perplexity")
-    seq_len = luigi.IntParameter()
+    eval_tokens = Count(at_least="seq_len", description="validation tokens per perplexity")
+    seq_len = SeqLen()
 
     def upstream(self):
         return {"Corpus": Corpus(), "ReluModel": ReluModel(), "Routers": Routers(),
                 "RandomRouters": Routers(cluster_method="random")}
 
     def effective_params(self) -> dict:
-        if self.eval_tokens < self.seq_len:
-            raise ValueError(f"Moefied eval_tokens is {self.eval_tokens}, expected at least seq_len {self.seq_len}")
         return {"eval_tokens": self.eval_tokens, "seq_len": self.seq_len}
+
+    def check_inputs(self, inputs) -> None:
+        if "Corpus" in inputs:
+            check_windows(inputs["Corpus"], self.seq_len, ("valid",))
 
     def build(self, build, inputs) -> None:
         from pipeline.data import load_tokens

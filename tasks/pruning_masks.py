@@ -7,11 +7,12 @@ import luigi
 from tasks.base_model import BaseModel
 from tasks.expert_clusters import ExpertClusters
 from tasks.relu_model import ReluModel
+from tasks.params import Choice
 from tasks.stage import Stage
 
 
 class PruningMasks(Stage):
-    prune_func = luigi.ChoiceParameter(choices=("m4n2_1d", "m4n2_2d_greedy", "m4n2_2d_best"))
+    prune_func = Choice(choices=("m4n2_1d", "m4n2_2d_greedy", "m4n2_2d_best"))
     moefication = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                       description="true: masks for the ReLU model in expert order; false: the base model")
 

@@ -6,13 +6,13 @@ settings), the configured FinalCompressed, and int8 post-training quantization o
 without training (the baseline QAT must beat)."""
 from __future__ import annotations
 
-import luigi
 
 from tasks.base_model import BaseModel
-from tasks.corpus import Corpus
+from tasks.corpus import Corpus, check_windows
 from tasks.final_compressed import FinalCompressed
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
+from tasks.params import Count, SeqLen
 from tasks.stage import Stage
 
 # FinalCompressed toggles (int8, pruning, moe, distill) of the single-method rows
@@ -24,9 +24,9 @@ VARIANTS = {
 
 
 class Report(Stage):
-    eval_tokens = luigi.IntParameter(description="validation tokens per perplexity")
-    seq_len = luigi.IntParameter()
-    rounds = luigi.IntParameter(description="speed: rounds of interleaved measurements (median)")
+    eval_tokens = Count(at_least="seq_len", description="validation tokens per perplexity")
+    seq_len = SeqLen()
+    rounds = Count(description="speed: rounds of interleaved measurements (median)")
 
     def upstream(self):
         ups = {"Corpus": Corpus(), "BaseModel": BaseModel(), "ReluModel": ReluModel(), "Routers": Routers(),
@@ -39,10 +39,11 @@ class Report(Stage):
         return ("compressed", "moe", "quant")  # the int8 baseline and the int8 MoE rows
 
     def effective_params(self) -> dict:
-        if self.eval_tokens < self.seq_len or self.rounds < 1:
-            raise ValueError(f"Report eval_tokens is {self.eval_tokens} and rounds {self.rounds}: expected "
-                             f"eval_tokens at least seq_len ({self.seq_len}) and at least one round")
         return {"eval_tokens": self.eval_tokens, "seq_len": self.seq_len, "rounds": self.rounds}
+
+    def check_inputs(self, inputs) -> None:
+        if "Corpus" in inputs:
+            check_windows(inputs["Corpus"], self.seq_len, ("valid",))
 
     def needs(self, inputs):
         from pipeline.resources import Needs, model_bytes

@@ -9,14 +9,15 @@ import luigi
 from tasks.expert_clusters import ExpertClusters
 from tasks.hidden_states import HiddenStates
 from tasks.relu_model import ReluModel
+from tasks.params import Count, Number
 from tasks.stage import Stage, pipeline_settings
 
 
 class Routers(Stage):
-    topk_fraction = luigi.FloatParameter(description="share of experts selected per token")
-    epochs = luigi.IntParameter()
-    batch_size = luigi.IntParameter(description="tokens per router training step")
-    lr = luigi.FloatParameter()
+    topk_fraction = Number(above=0, at_most=1, description="share of experts selected per token")
+    epochs = Count(description="passes over the training hidden states")
+    batch_size = Count(description="tokens per router training step")
+    lr = Number(above=0)
     seed = luigi.IntParameter()
     # Moefied asks for a second set on the random split: the paper's baseline
     cluster_method = luigi.Parameter(description="ExpertClusters method; empty: as configured")
@@ -26,8 +27,6 @@ class Routers(Stage):
         return {"ReluModel": ReluModel(), "HiddenStates": HiddenStates(), "ExpertClusters": clusters}
 
     def effective_params(self) -> dict:
-        if not 0 < self.topk_fraction <= 1:
-            raise ValueError(f"Routers topk_fraction is {self.topk_fraction}, expected 0 < x <= 1")
         return {"topk_fraction": self.topk_fraction, "epochs": self.epochs, "batch_size": self.batch_size,
                 "lr": self.lr, "seed": self.seed}
 

@@ -5,6 +5,7 @@ class turns that into a version, a Luigi output and an atomic publish.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -16,6 +17,7 @@ import luigi
 
 from pipeline import processes, resources
 from pipeline.artifacts import AlreadyPublished, Artifact, Build, CorruptArtifact, StageSpec, Store, code_files
+from tasks.params import Choice, problems
 
 logger = logging.getLogger("luigi-interface")
 PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "luigi.cfg"
@@ -123,16 +125,46 @@ class Stage(luigi.Task):
     def stage_name(self) -> str:
         return self.get_task_family()
 
+    @classmethod
+    def instance(cls, params: dict) -> dict:
+        """Of a version's parameters, those that tell this stage's instances in one graph apart
+        (FinalCompressed's toggles); gc keeps the newest version of each instance."""
+        return {}
+
+    def positions(self) -> int:
+        """The longest window the model takes (its n_positions)."""
+        return pipeline_settings().architecture().n_positions
+
+    def check_params(self) -> None:
+        """Refuse, in one sentence, a parameter value this stage does not accept (``tasks.params``)."""
+        found = problems(self)
+        if found:
+            raise ValueError("; ".join(found))
+
     def spec(self) -> StageSpec:
         if getattr(self, "_spec", None) is None:
+            self.check_params()
             ups = self.upstream()
             # other stages' modules: an upstream's version covers its code, and a stage class that
             # this one only names (to build the graph) runs none of its code here
             exclude = tuple(sorted(_stage_modules() - {type(self).__module__}))
-            self._spec = StageSpec(stage=self.stage_name, params=self.effective_params(),
-                                   upstream={name: t.version for name, t in sorted(ups.items())},
-                                   code=_code(self.code_modules(), exclude))
+            spec = StageSpec(stage=self.stage_name, params=self.effective_params(),
+                             upstream={name: t.version for name, t in sorted(ups.items())},
+                             code=_code(self.code_modules(), exclude))
+            self.check_inputs(self._published_inputs(ups))
+            self._spec = spec
         return self._spec
+
+    def _published_inputs(self, ups: dict[str, "Stage"]) -> dict[str, Artifact]:
+        """The upstream versions already published and intact (a broken one is left to the run that
+        rebuilds it): what ``check_inputs`` can check while the graph is computed."""
+        store, found = Store(), {}
+        for name, task in ups.items():
+            with contextlib.suppress(CorruptArtifact):
+                if (artifact := store.get(task.stage_name, task.version)) is not None:
+                    store.verify(artifact)
+                    found[name] = artifact
+        return found
 
     @property
     def version(self) -> str:
@@ -142,30 +174,36 @@ class Stage(luigi.Task):
         return self.upstream()
 
     def complete(self):
-        """Published and intact. A broken version (a payload file that no longer matches its
-        checksum) is moved aside, so that this run rebuilds it."""
+        """Published and intact, and so is every published version of the graph behind it (checked
+        through the store's stat cache). A broken version (a file that no longer matches its
+        checksum) is moved aside, so that this run rebuilds it; an upstream version that was
+        removed rather than damaged is not rebuilt for a complete target."""
         try:
             store = Store()
-            artifact = store.get(self.stage_name, self.version)
+            return self._intact(store) and all(t._intact(store, missing_ok=True) for t in graph([self])[:-1])
         except (ValueError, OSError) as e:  # bad parameters or inputs, found while computing the version
             _report(self, e)
             raise SystemExit(2) from None  # before anything runs: the sentence is all the user needs
-        except CorruptArtifact as e:
-            artifact, problem = None, e
-        else:
-            if artifact is None:
-                return False
-            try:
+
+    def _intact(self, store: Store, missing_ok: bool = False) -> bool:
+        try:
+            artifact = store.get(self.stage_name, self.version)
+            if artifact is not None:
                 store.verify(artifact)
-                return True
-            except CorruptArtifact as e:
-                problem = e
-        moved = store.quarantine(self.stage_name, self.version)
-        print(f"warning: {self.stage_name}: {problem}; moved it to {moved}, rebuilding", file=sys.stderr, flush=True)
-        return False
+            return artifact is not None or missing_ok
+        except CorruptArtifact as problem:
+            moved = store.quarantine(self.stage_name, self.version)
+            print(f"warning: {self.stage_name}: {problem}; moved it to {moved}, rebuilding", file=sys.stderr,
+                  flush=True)
+            return False
 
     def output(self):
         return luigi.LocalTarget(str(Store().manifest_path(self.stage_name, self.version)))
+
+    def check_inputs(self, inputs: dict[str, Artifact]) -> None:
+        """Refuse inputs this stage cannot use (raise ValueError): while the graph is computed, with
+        the inputs already published (``inputs`` may lack some), and again with all of them before
+        the stage's resources are checked."""
 
     def needs(self, inputs: dict[str, Artifact]) -> resources.Needs:
         """What building this stage writes to disk and holds in memory, estimated before it starts.
@@ -192,7 +230,11 @@ class Stage(luigi.Task):
 
     def run(self):
         store = Store()
+        if store.get(self.stage_name, self.version) is not None:  # this run repaired what it was built from
+            logger.info("%s %s: already published; its broken inputs were rebuilt", self.stage_name, self.version)
+            return
         inputs = self.open_inputs(store)
+        self.check_inputs(inputs)
         needs = self.needs(inputs)
         resources.check(self.stage_name, needs, store.root)
         try:
@@ -270,11 +312,13 @@ def check_config(classes) -> None:
                 continue
             raw = conf.get(section, name)
             try:
-                param.parse(raw)
+                value = param.parse(raw)
+                problem = param.problem(None, value) if isinstance(param, Choice) else None
+                if problem:
+                    raise SystemExit(f"error: {_file_setting(conf, section, name, raw)} sets [{section}] {name} = "
+                                     f"{raw!r}; {problem}")
             except (ValueError, TypeError):
                 kind = next((k for t, k in _KINDS.items() if isinstance(param, t)), "a valid value")
-                if isinstance(param, luigi.ChoiceParameter):
-                    kind = "one of " + ", ".join(sorted(str(c) for c in param._choices))
                 raise SystemExit(f"error: {_file_setting(conf, section, name, raw)} sets [{section}] {name} = {raw!r}; "
                                  f"expected {kind}") from None
 

@@ -11,7 +11,9 @@ import importlib
 import json
 import sys
 
+from pipeline import cli
 from pipeline.artifacts import CorruptArtifact, StageSpec, Store, describe_changes
+from pipeline.cli import UsageError
 
 
 def current_specs(overrides: list[str]) -> list[StageSpec]:
@@ -38,6 +40,22 @@ def parse_graph_command(parser: argparse.ArgumentParser, argv) -> tuple[argparse
         raise SystemExit(2) from None
 
 
+def stage_classes() -> dict:
+    """{stage name: its Stage class}."""
+    import tasks
+
+    return {cls.get_task_family(): cls for cls in (getattr(tasks, n) for n in tasks.__all__)
+            if isinstance(cls, type) and issubclass(cls, tasks.Stage) and cls is not tasks.Stage}
+
+
+def open_store() -> Store:
+    """The store PIPELINE_ARTIFACTS names (or the project's); one sentence when it cannot be one."""
+    try:
+        return Store()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def stage_status(spec: StageSpec, store: Store, full: bool = False) -> dict:
     """up-to-date, broken (published, but a file no longer matches its manifest), stale or missing.
     Files unchanged since they were last verified are not reread unless ``full``."""
@@ -48,10 +66,11 @@ def stage_status(spec: StageSpec, store: Store, full: bool = False) -> dict:
             return entry
     except CorruptArtifact as e:
         return {**entry, "state": "broken", "reasons": [str(e)]}
-    published = store.versions(spec.stage)
+    # a stage with several instances in the graph (FinalCompressed variants): compare like with like
+    instance = stage_classes()[spec.stage].instance
+    published = [a for a in store.versions(spec.stage) if instance(a.manifest["params"]) == instance(spec.params)]
     if not published:
         return {**entry, "state": "missing", "reasons": ["never built"]}
-    # a stage with several instances in the graph (FinalCompressed variants): compare like with like
     same_params = [a for a in published if a.manifest.get("params") == spec.params]
     latest = (same_params or published)[-1]
     return {**entry, "state": "stale", "reasons": describe_changes(spec, latest.manifest),
@@ -60,11 +79,18 @@ def stage_status(spec: StageSpec, store: Store, full: bool = False) -> dict:
 
 def instance_label(spec: StageSpec, specs: list[StageSpec]) -> str:
     """For a stage that appears more than once in the graph, the parameters that tell it apart."""
-    siblings = [s.params for s in specs if s.stage == spec.stage]
+    siblings = [s for s in specs if s.stage == spec.stage]
     if len(siblings) < 2:
         return ""
-    differing = sorted(k for k in spec.params if len({repr(p.get(k)) for p in siblings}) > 1)
-    return "(" + ", ".join(f"{k}={spec.params[k]}" for k in differing) + ")"
+    differing = sorted(k for k in spec.params if len({repr(s.params.get(k)) for s in siblings}) > 1)
+    parts = [f"{k}={spec.params[k]}" for k in differing]
+    if not parts:  # the same parameters on different inputs (Routers on two clusterings): name the inputs
+        by_version = {s.version: s for s in specs}
+        for name, version in sorted(spec.upstream.items()):
+            if len({s.upstream.get(name) for s in siblings}) > 1 and version in by_version:
+                label = instance_label(by_version[version], specs)
+                parts.append(f"{name} {label.strip('()')}" if label else f"{name}={version}")
+    return "(" + ", ".join(parts) + ")"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per stage")
     p.add_argument("--verify", action="store_true", help="rehash every file, even those unchanged since last verified")
     args, specs = parse_graph_command(p, argv)
-    store = Store()
+    store = open_store()
     entries = [stage_status(s, store, args.verify) for s in specs]
     code = 1 if any(e["state"] == "broken" for e in entries) else 0
     if args.json:
@@ -89,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -6,6 +6,7 @@ import re
 
 import luigi
 
+from tasks.params import Count, Number, SeqLen
 from tasks.stage import CommandFailed, Stage, pipeline_settings, run_logged
 
 
@@ -15,17 +16,17 @@ class TrainingStage(Stage):
 
     TRAINING: tuple[str, ...] = ("steps", "batch_size", "grad_accum", "seq_len", "start_lr", "warmup",
                                  "weight_decay", "seed")
-    steps = luigi.IntParameter()
-    batch_size = luigi.IntParameter(description="global batch in sequences")
-    grad_accum = luigi.IntParameter()
-    seq_len = luigi.IntParameter()
-    start_lr = luigi.FloatParameter()
-    warmup = luigi.IntParameter()
-    weight_decay = luigi.FloatParameter()
+    steps = Count()
+    batch_size = Count(description="global batch in sequences")
+    grad_accum = Count(description="micro-batches per step")
+    seq_len = SeqLen()
+    start_lr = Number(above=0)
+    warmup = Count(0, description="steps of linear learning-rate warmup")
+    weight_decay = Number(at_least=0)
     seed = luigi.IntParameter()
-    eval_tokens = luigi.IntParameter(description="held-out tokens for perplexity (0: all)")
-    log_interval = luigi.IntParameter()
-    save_interval = luigi.IntParameter(description="steps between resumable checkpoints")
+    eval_tokens = Count(zero="all", at_least="seq_len", description="held-out tokens for perplexity (0: all)")
+    log_interval = Count(description="steps between logged losses")
+    save_interval = Count(zero="never", description="steps between resumable checkpoints")
 
     ENTRY = "pipeline.train"
 
@@ -40,11 +41,17 @@ class TrainingStage(Stage):
     def training_params(self) -> dict:
         """The training parameters, checked, with the world size they run on."""
         params = {name: getattr(self, name) for name in self.training_flags()}
-        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
-            if params[name] <= 0:
-                raise ValueError(f"{self.stage_name} {name} is {params[name]}, expected a positive integer")
-        settings = pipeline_settings()
-        return {**params, "world_size": settings.world_size()}
+        world = pipeline_settings().world_size()
+        if self.batch_size % (world * self.grad_accum):
+            raise ValueError(f"{self.stage_name} batch_size is {self.batch_size}, expected a multiple of grad_accum "
+                             f"{self.grad_accum} x {world} rank(s) (each rank's micro-batches are equal)")
+        return {**params, "world_size": world}
+
+    def check_inputs(self, inputs) -> None:
+        from tasks.corpus import check_windows
+
+        if "Corpus" in inputs:
+            check_windows(inputs["Corpus"], self.seq_len)
 
     def training_needs(self, student: float, teacher: float = 0.0, export_int8: bool = False):
         from pipeline import resources
@@ -66,12 +73,12 @@ class DistillingStage(TrainingStage):
     """A training stage with a teacher: BMDistill's terms and the activation penalty."""
 
     TRAINING = TrainingStage.TRAINING + KD + ("act_l1",)
-    kd_ce_logits = luigi.FloatParameter(description="soft cross-entropy against the teacher's logits")
-    kd_temp = luigi.FloatParameter()
-    kd_mse_last_hidden = luigi.FloatParameter()
-    kd_mse_hidden = luigi.FloatParameter()
-    kd_loss_scale = luigi.FloatParameter()
-    act_l1 = luigi.FloatParameter(description="L1 penalty on FFN activations (raises sparsity)")
+    kd_ce_logits = Number(at_least=0, description="soft cross-entropy against the teacher's logits")
+    kd_temp = Number(above=0)
+    kd_mse_last_hidden = Number(at_least=0)
+    kd_mse_hidden = Number(at_least=0)
+    kd_loss_scale = Number(above=0)
+    act_l1 = Number(at_least=0, description="L1 penalty on FFN activations (raises sparsity)")
 
 
 def unused_distill_params(stage, distill: bool) -> set[str]:

@@ -54,6 +54,8 @@ SCENARIOS = {
                         None, "Moefied"),
     # a version directory whose manifest was deleted: broken, moved aside and rebuilt like any other
     "manifest-removed": ([("HiddenStates", "manifest.json", remove)], None, "HiddenStates"),
+    # a broken input behind a complete target: the run verifies the whole graph and repairs it
+    "behind-a-complete-target": ([("Corpus", "train.npy", flip)], None, "Moefied"),
 }
 
 
@@ -98,6 +100,10 @@ def test_damaged_files_are_reported_then_rebuilt(chain, tmp_path, scenario):
         assert {n: f["sha256"] for n, f in new.items() if n not in TIMED} == \
             {n: f["sha256"] for n, f in ref.items() if n not in TIMED}, f"{stage} rebuilt byte for byte"
 
+    if run not in {stage for stage, _, _ in damages}:
+        target = only_version(store, run)
+        assert f"{run} {target.name}: already published" in proc.stderr, "the complete target is not rebuilt"
+        assert not list((store / run).glob(".broken-*"))
     code, entries = status(chain, env)
     assert code == 0
     for stage in {stage for stage, _, _ in damages} | {run}:

@@ -278,7 +278,7 @@ def test_config_hf_dict_round_trip():
     cfg = get_preset("gpt-j-tiny")
     d = cfg.to_hf_dict()
     assert d["architectures"] == ["GPTJForCausalLM"] and d["tie_word_embeddings"] is False
-    assert not any(k.endswith("token_id") for k in d)
+    assert d["bos_token_id"] == d["eos_token_id"] == 0, "the presets' end-of-text token, inside the vocabulary"
     assert GPTJConfig.from_hf_dict(d) == cfg
     d["n_inner"] = None
     assert GPTJConfig.from_hf_dict(d).n_inner == 4 * cfg.n_embd
@@ -304,3 +304,15 @@ def test_presets():
         cfg = get_preset(name)
         if cfg.num_params() < 1e8:
             assert sum(p.numel() for p in GPTJ(cfg).parameters()) == cfg.num_params()
+
+
+def test_an_exported_config_loads_in_transformers_with_its_own_token_ids(tmp_path):
+    """transformers' GPTJConfig defaults its bos/eos to 50256, outside a preset's vocabulary."""
+    import transformers
+
+    from pipeline.models import GPTJ, save_pretrained
+
+    save_pretrained(GPTJ(get_preset("gpt-j-smoke")), tmp_path)
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf.bos_token_id == hf.eos_token_id == 0 < hf.vocab_size
+    assert GPTJConfig.from_hf_dict({**get_preset("gpt-j").to_hf_dict(), "eos_token_id": None}).eos_token_id == 50256

@@ -107,10 +107,10 @@ def test_fraction_parameters_are_valid_or_named(heldout, topk):
     for task, name, valid in ((tasks.HiddenStates(heldout_fraction=heldout), "heldout_fraction", 0 <= heldout < 1),
                               (tasks.Routers(topk_fraction=topk), "topk_fraction", 0 < topk <= 1)):
         if valid:
-            task.effective_params()
+            task.check_params()
         else:
             with pytest.raises(ValueError, match=f"{task.get_task_family()} {name} is "):
-                task.effective_params()
+                task.check_params()
 
 
 @FAST

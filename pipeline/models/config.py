@@ -30,6 +30,8 @@ class GPTJConfig:
     n_inner: int  # FFN width (d_ff)
     activation: str = "gelu_new"  # 'gelu_new' or 'relu'
     layer_norm_epsilon: float = 1e-5
+    # the end-of-text token: id 0 in the presets' tokenizers (pipeline.data.EOT), GPT-J's 50256 in its own
+    eos_token_id: int = 0
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -38,6 +40,8 @@ class GPTJConfig:
             raise ValueError(f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})")
         if self.rotary_dim % 2 != 0 or self.rotary_dim > self.head_dim:
             raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim})")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(f"eos_token_id ({self.eos_token_id}) is outside the vocabulary of {self.vocab_size}")
 
     @property
     def head_dim(self):
@@ -66,6 +70,8 @@ class GPTJConfig:
             "vocab_size": self.vocab_size,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "tie_word_embeddings": False,
+            "bos_token_id": self.eos_token_id,  # GPT-J's convention: one token begins and ends a text
+            "eos_token_id": self.eos_token_id,
         }
 
     @classmethod
@@ -108,8 +114,12 @@ class GPTJConfig:
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise CheckpointError(f"{source}: field 'layer_norm_epsilon' is {eps!r}, expected a positive number")
 
+        eos = d.get("eos_token_id")
+        if not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < fields["vocab_size"]:
+            # absent, null, or transformers' default 50256 written into a smaller model's config
+            eos = 50256 if fields["vocab_size"] > 50256 else 0
         try:
-            return cls(**fields, activation=act, layer_norm_epsilon=float(eps))
+            return cls(**fields, activation=act, layer_norm_epsilon=float(eps), eos_token_id=eos)
         except ValueError as e:  # structural problems, e.g. n_embd not divisible by n_head
             raise CheckpointError(f"{source}: {e}") from None
 

@@ -6,7 +6,7 @@ PRESETS = {
     # EleutherAI GPT-J-6B
     "gpt-j": GPTJConfig(
         vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16,
-        rotary_dim=64, n_inner=16384, activation="gelu_new",
+        rotary_dim=64, n_inner=16384, activation="gelu_new", eos_token_id=50256,
     ),
     # small enough to pretrain from scratch on one GPU in minutes
     "gpt-j-tiny": GPTJConfig(

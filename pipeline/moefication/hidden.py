@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline import distributed
+from pipeline import cli, distributed
 from pipeline.data import load_tokens
 from pipeline.evaluate import windows
 from pipeline.models import from_pretrained
+from pipeline.models.config import checkpoint_config
 from pipeline.moefication.files import HIDDEN
 
 CHUNK_ROWS = 1024
@@ -156,17 +157,20 @@ def check_hidden_states(f: h5py.File, path: Path, num_layer: int, d_model: int) 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.moefication.hidden", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, type=Path, help="the ReLU model directory")
-    p.add_argument("--data", required=True, type=Path, help="a Corpus artifact directory")
+    p.add_argument("--model", required=True, type=cli.existing_dir, help="the ReLU model directory")
+    p.add_argument("--data", required=True, type=cli.existing_dir, help="a Corpus artifact directory")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--token-budget", type=int, default=65536)
+    p.add_argument("--token-budget", type=cli.positive_int, default=65536)
     p.add_argument("--heldout-fraction", type=float, default=0.1)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--part-tokens", type=int, default=16384, help="tokens per shard: what a crash can cost at most")
+    p.add_argument("--seq-len", type=cli.positive_int, default=128)
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--part-tokens", type=cli.positive_int, default=16384, help="tokens per shard: what a crash can cost at most")
     args = p.parse_args(argv)
     try:
+        if not (args.data / "train.npy").is_file():
+            raise ValueError(f"--data {args.data} holds no train.npy (expected a Corpus artifact directory)")
         wins, flags = plan_windows(args.data, args.seq_len, args.token_budget, args.heldout_fraction)
+        checkpoint_config(args.model)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     rank, world, _ = distributed.setup(cpu_only=True)
