@@ -10,7 +10,7 @@ OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
              $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
 
 # `make moefy`: Corpus -> BaseModel -> ReluModel -> HiddenStates -> ExpertClusters -> Routers -> Moefied
-.PHONY: setup base relu moefy compress report status verify gc gc-dry-run test test-fast bench bench-moe clean-venv
+.PHONY: setup base relu moefy compress plan report status verify gc gc-dry-run test test-fast bench bench-moe clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ moefy: setup
 
 # `make compress`: ... -> PruningMasks -> FinalCompressed (and its single-method variants) -> Report
 compress: setup
+	$(PY) -m tasks.plan --check --target Report $(OVERRIDES)
 	$(LUIGI) FinalCompressed $(OVERRIDES)
 	$(LUIGI) Report $(OVERRIDES)
+
+# what `make compress` would run: memory on the host and per rank, disk, FLOPs and time (TFLOPS= per GPU)
+plan: setup
+	$(PY) -m tasks.plan --target Report $(if $(TFLOPS),--tflops $(TFLOPS)) $(OVERRIDES)
 
 report: setup
 	$(LUIGI) Report $(OVERRIDES)

@@ -23,36 +23,104 @@ def windows(tokens: np.ndarray, seq_len: int, max_tokens: int = 0) -> np.ndarray
 
 @torch.no_grad()
 def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, max_tokens: int = 0,
-               device: str | torch.device = "cpu", desc: str = "eval", ffn_sparsity: bool = False) -> dict:
+               device: str | torch.device = "cpu", desc: str = "eval", ffn_sparsity: bool = False,
+               rank: int = 0, world: int = 1) -> dict:
     """Mean next-token cross-entropy and its exponential over the evaluation windows; with
     ``ffn_sparsity`` also, per layer, the share of FFN activations that are exactly zero (the
-    share of ``fc_in`` outputs at or below zero, which ReLU zeroes)."""
+    share of ``fc_in`` outputs at or below zero, which ReLU zeroes).
+
+    With ``world`` ranks (a process group), batch ``b`` is computed by rank ``b % world`` and the
+    per-batch sums are reduced, each batch's own sum added to zeros: every rank returns exactly
+    what one rank computes, whatever the world size."""
     was_training = model.training
     model.eval()
     data = torch.from_numpy(windows(tokens, seq_len, max_tokens))
-    zeros, hooks = [], []
-    if ffn_sparsity:
-        for i, block in enumerate(model.transformer.h):
-            zeros.append([0, 0])
-
-            def count(module, inputs, output, tally=zeros[i]):
-                tally[0] += int((output <= 0).sum())
-                tally[1] += output.numel()
-            hooks.append(block.mlp.fc_in.register_forward_hook(count))
-    total, count = 0.0, 0
+    starts = range(0, len(data), batch_size)
+    sums = torch.zeros(len(starts), dtype=torch.float64)
+    zeros = torch.zeros(len(model.transformer.h) if ffn_sparsity else 0, 2, dtype=torch.int64)
+    hooks = []
+    for i, block in enumerate(model.transformer.h if ffn_sparsity else ()):
+        def tally(module, inputs, output, layer=i):
+            zeros[layer, 0] += int((output <= 0).sum())
+            zeros[layer, 1] += output.numel()
+        hooks.append(block.mlp.fc_in.register_forward_hook(tally))
     try:
-        for i in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
-            chunk = data[i:i + batch_size].to(device)
+        mine = [b for b in range(len(starts)) if b % world == rank]
+        for b in tqdm(mine, desc=desc, unit="batch", leave=False, disable=rank != 0):
+            chunk = data[starts[b]:starts[b] + batch_size].to(device)
             logits = model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
-            total += loss.item()
-            count += chunk[:, 1:].numel()
+            sums[b] = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    mean = total / count
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+        dist.all_reduce(zeros)
+    count = data[:, 1:].numel()
+    mean = float(sums.sum()) / count
     result = {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
     if ffn_sparsity:
-        result["ffn_sparsity"] = [z / n for z, n in zeros]
+        result["ffn_sparsity"] = [int(z) / int(n) for z, n in zeros.tolist()]
     return result
+
+
+# Evaluation jobs: what a stage asks to be evaluated, run in its own process (one rank) or by the
+# ranks of a torchrun job. A job names its loader as "module:function" (a function the stage's
+# own code imports, so that its version covers it) with keyword arguments.
+
+def job(name: str, loader, ffn_sparsity: bool = False, **kwargs) -> dict:
+    return {"name": name, "loader": f"{loader.__module__}:{loader.__name__}", "kwargs": kwargs,
+            "ffn_sparsity": ffn_sparsity}
+
+
+def load_job_model(spec: dict):
+    import importlib
+
+    module, function = spec["loader"].split(":")
+    return getattr(importlib.import_module(module), function)(**spec["kwargs"])
+
+
+def run_jobs(jobs: list[dict], tokens: np.ndarray, seq_len: int, max_tokens: int, rank: int = 0, world: int = 1,
+             device: str | torch.device = "cpu") -> dict[str, dict]:
+    """{job name: perplexity result}, one model loaded at a time."""
+    results = {}
+    for spec in jobs:
+        model = load_job_model(spec).to(device)
+        results[spec["name"]] = perplexity(model, tokens, seq_len, max_tokens=max_tokens, device=device,
+                                           desc=spec["name"], ffn_sparsity=spec["ffn_sparsity"], rank=rank,
+                                           world=world)
+        del model
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A torchrun rank: ``python -m pipeline.evaluate --jobs JOBS.json --out RESULTS.json``."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from pipeline import distributed
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description="evaluate jobs on every rank")
+    p.add_argument("--jobs", required=True, type=Path, help="{tokens, seq_len, max_tokens, jobs: [...]}")
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+    plan = json.loads(args.jobs.read_text())
+    rank, world, device = distributed.setup()
+    results = run_jobs(plan["jobs"], np.load(plan["tokens"], mmap_mode="r", allow_pickle=False), plan["seq_len"],
+                       plan["max_tokens"], rank, world, device)
+    if rank == 0:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results))
+        tmp.replace(args.out)
+    distributed.teardown(world)
+    return 0
+
+
+if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    raise SystemExit(record(main)())

@@ -34,6 +34,30 @@ def tokens_per_second(models: dict, vocab: int, lengths=SPEED_TOKENS, rounds: in
     return {name: {n: n / float(np.median(t)) for n, t in per.items()} for name, per in times.items()}
 
 
+def measure_rows(teacher, rows, perplexities: dict[str, float], vocab: int, rounds: int) -> list[dict]:
+    """Per row ``(name, job, bytes, what)`` (the first row is the teacher's): its perplexity, and its
+    speed measured in turns with the teacher's (``tokens_per_second`` on the pair). One variant is
+    loaded (``pipeline.evaluate.load_job_model``) at a time and freed before the next, so that no
+    more than two models, the teacher and it, are ever held."""
+    import gc
+
+    from pipeline.evaluate import load_job_model
+
+    results = []
+    for name, spec, nbytes, what in rows:
+        model = teacher if name == "teacher" else load_job_model(spec)
+        result = {"name": name, "perplexity": round(perplexities[name], 4), "bytes": nbytes, "what": what}
+        pair = {"teacher": teacher} if model is teacher else {"teacher": teacher, name: model}
+        speed = tokens_per_second(pair, vocab, rounds=rounds)
+        for n in SPEED_TOKENS:
+            result[f"tokens_per_s_{n}"] = round(speed[name][n], 1)
+            result[f"speed_ratio_{n}"] = round(speed[name][n] / speed["teacher"][n], 3)
+        results.append(result)
+        del model, pair
+        gc.collect()
+    return results
+
+
 def _plt():
     import matplotlib
 
@@ -96,8 +120,8 @@ def write_markdown(metrics: dict, out: Path, title: str) -> None:
     lines = [f"# {title}", "",
              f"Every model on the same {metrics['eval_tokens']} validation tokens (windows of {metrics['seq_len']}). "
              f"Speed: CPU tokens per second of one forward over a sequence of 1 and of 16 tokens, "
-             f"{metrics['threads']} torch threads, all models measured in turns in this run (median of "
-             f"{metrics['rounds']} rounds). Ratios are to the teacher.", "",
+             f"{metrics['threads']} torch threads, each model measured in turns with the teacher (median of "
+             f"{metrics['rounds']} rounds; one variant held at a time). Ratios are to the teacher.", "",
              "| model | perplexity | vs teacher | file size | vs teacher | tok/s (1) | vs teacher | tok/s (16) | vs teacher |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

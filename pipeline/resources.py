@@ -27,9 +27,12 @@ class Needs:
     disk: float = 0.0  # bytes the stage writes into the store (scratch and resume state included)
     memory: float = 0.0  # bytes of host memory it holds at its peak
     what: str = ""  # how the figures were made, for the refusal message
+    flops: float = 0.0  # floating-point operations of its model work (training, evaluation, dumps)
+    rank_memory: float = 0.0  # bytes each torchrun rank holds at its peak (0: the stage runs no ranks)
 
     def as_metrics(self) -> dict:
-        return {"estimated_disk_bytes": int(self.disk), "estimated_memory_bytes": int(self.memory)}
+        return {"estimated_disk_bytes": int(self.disk), "estimated_memory_bytes": int(self.memory),
+                "estimated_flops": float(self.flops), "estimated_rank_memory_bytes": int(self.rank_memory)}
 
 
 def _limit(env: str) -> float | None:
@@ -83,11 +86,6 @@ def check(stage: str, needs: Needs, store_root: Path) -> None:
         raise NotEnoughResources(
             f"{stage} needs about {human(needs.memory)} of memory{how}, and {human(memory)} is "
             f"available; stop other jobs or run it on a larger machine")
-
-
-def model_bytes(artifact) -> float:
-    """The size of an artifact's fp32 ``model.safetensors``, from its manifest."""
-    return float(artifact.manifest["files"]["model.safetensors"]["bytes"])
 
 
 def training_needs(student: float, local_ranks: int, teacher: float = 0.0, export_int8: bool = False) -> Needs:

@@ -13,10 +13,12 @@ where an uninterrupted run would (batches depend only on seed, step, rank and mi
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ from pipeline.models import GPTJ, GPTJConfig, presets, save_pretrained
 from pipeline.models.gptj import lm_forward
 from pipeline.models.hf import read_weights
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.json"  # in <save-dir>/resume/: the step, the loss log, and the shards' directory
 TRAIN_LOG = "train_log.json"
 LATER = {"save_hidden": "the HiddenStates stage (python -m pipeline.moefication.hidden)"}
 
@@ -232,23 +234,52 @@ def full_state(model, optimizer, sharding: str, world: int) -> tuple[dict, dict]
     return model.state_dict(), optimizer.state_dict()
 
 
-def load_full_state(model, optimizer, state: dict, sharding: str, world: int) -> None:
-    if sharding == "fsdp" and world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def as_trained(path: str, moe_topk: int | None = None, int8: bool = False):
+    """A trained model as it ran in training: its routed FFNs (the routers beside it) and QAT's
+    int8 products (an evaluation job's loader)."""
+    from pipeline.models import from_pretrained
 
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    model = from_pretrained(path)
+    if moe_topk is not None:
+        methods.use("moe").route_experts(model, Path(path), moe_topk)
+    if int8:
+        methods.use("quant").BMQuant.quantize(model)
+    return model.eval()
 
 
-def save_checkpoint(path: Path, model_state, optim_state, step: int, log: list) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (CHECKPOINT + ".tmp")
-    torch.save({"model": model_state, "optimizer": optim_state, "step": step, "log": log,
-                "rng": torch.get_rng_state()}, tmp)
-    os.replace(tmp, path / CHECKPOINT)
+def save_checkpoint(resume: Path, trained, optimizer, step: int, log: list, rank: int) -> None:
+    """A resumable checkpoint with torch.distributed.checkpoint: each rank writes its own shard of
+    the model and optimizer state (under FSDP2 no rank gathers them), into ``step-<n>/``; rank 0
+    then points ``checkpoint.json`` at it, atomically, and removes the previous one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(trained, optimizer)
+    target = resume / f"step-{step:07d}"
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=target, no_dist=not dist.is_initialized())
+    if rank == 0:  # dcp.save returns on every rank once the checkpoint's metadata is written
+        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+        tmp = resume / (CHECKPOINT + ".tmp")
+        tmp.write_text(json.dumps({"dir": target.name, "step": step, "log": log, "torch_rng": rng}))
+        os.replace(tmp, resume / CHECKPOINT)
+        for old in resume.glob("step-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(resume: Path, trained, optimizer) -> tuple[int, list]:
+    """Every rank reads its shard of the checkpoint ``checkpoint.json`` points at; (step, log)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    pointer = json.loads((resume / CHECKPOINT).read_text())
+    model_state, optim_state = get_state_dict(trained, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=resume / pointer["dir"], no_dist=not dist.is_initialized())
+    set_state_dict(trained, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng = np.frombuffer(base64.b64decode(pointer["torch_rng"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(rng))
+    return pointer["step"], pointer["log"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,12 +361,12 @@ def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teac
                 else contextlib.nullcontext())
 
     resume = args.save_dir / "resume"
+    resume.mkdir(parents=True, exist_ok=True)
+    # what the optimizer trains: the student, and the projection that bridges widths when distilling
+    trained = torch.nn.ModuleDict({"student": model, "project": distiller.project}) if extra_params else model
     step, log = 0, []
     if (resume / CHECKPOINT).is_file():
-        state = torch.load(resume / CHECKPOINT, map_location="cpu", weights_only=True)
-        load_full_state(model, optimizer, state, sharding, world)
-        step, log = state["step"], state["log"]
-        torch.set_rng_state(state["rng"])
+        step, log = load_checkpoint(resume, trained, optimizer)
         if rank == 0:
             print(f"resuming from step {step} ({resume / CHECKPOINT})", flush=True)
 
@@ -372,9 +403,7 @@ def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teac
             bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.2e}")
             print(f"step {step} loss {total.item():.4f} lr {lr:.3e}", flush=True)
         if args.save_interval and step % args.save_interval == 0 and step < args.steps:
-            model_state, optim_state = full_state(model, optimizer, sharding, world)
-            if rank == 0:
-                save_checkpoint(resume, model_state, optim_state, step, log)
+            save_checkpoint(resume, trained, optimizer, step, log, rank)
         if args.stop_after and step >= args.stop_after:
             break
     bar.close()

@@ -6,6 +6,7 @@ import shutil
 
 from pipeline.artifacts import content_hash
 from tasks.corpus import Corpus
+from tasks.evaluation import evaluate
 from tasks.stage import pipeline_settings
 
 IMPORT_ONLY = {"gpt-j"}  # presets too large to pretrain from scratch here: they need a checkpoint
@@ -17,7 +18,7 @@ class BaseModel(TrainingStage):
         return {"Corpus": Corpus()}
 
     @classmethod
-    def instance(cls, params: dict) -> dict:
+    def lineage(cls, params: dict) -> dict:
         """The model preset, or the checkpoint imported: which model everything downstream compresses."""
         return {k: params[k] for k in ("model", "checkpoint_sha256") if k in params}
 
@@ -38,38 +39,38 @@ class BaseModel(TrainingStage):
             return params
         return {**params, **self.training_params()}
 
-    def needs(self, inputs):
+    def needs(self):
         from pipeline import resources
 
-        student = 4.0 * pipeline_settings().architecture().num_params()
         if pipeline_settings().checkpoint_dir():
-            return resources.Needs(student, 2 * student, "the imported checkpoint in fp32")
-        return self.training_needs(student)
+            student = self.model_bytes()
+            flops, rank = self.evaluation_needs(1, self.eval_tokens)
+            return resources.Needs(student, 2 * student, "the imported checkpoint in fp32", flops, rank)
+        return self.training_needs()
 
     def build(self, build, inputs) -> None:
         from pipeline import data
-        from pipeline.evaluate import perplexity
+        from pipeline.evaluate import job
         from pipeline.models import from_pretrained, save_pretrained
+        from pipeline.models.config import checkpoint_config
 
         settings = pipeline_settings()
         corpus = inputs["Corpus"]
         checkpoint = settings.checkpoint_dir()
         if checkpoint:
             with build.timed("import"):
-                model = from_pretrained(checkpoint)
                 vocab = data.load_tokenizer(corpus.file("tokenizer.json")).get_vocab_size()
-                if vocab > model.config.vocab_size:
+                if vocab > checkpoint_config(checkpoint).vocab_size:
                     raise ValueError(f"CHECKPOINT {checkpoint}: tokenizer.json has {vocab} tokens but config.json "
-                                     f"field 'vocab_size' is {model.config.vocab_size}")
-                save_pretrained(model, build.path)
+                                     f"field 'vocab_size' is {checkpoint_config(checkpoint).vocab_size}")
+                save_pretrained(from_pretrained(checkpoint), build.path)
             build.extra["source"] = {"checkpoint": str(checkpoint)}
         else:
             self.train(build, "--model", train_model_name(settings.model), "--data", str(corpus.path))
         shutil.copyfile(corpus.file("tokenizer.json"), build.path / "tokenizer.json")
         with build.timed("evaluate"):
-            model = from_pretrained(build.path)
-            result = perplexity(model, data.load_tokens(corpus.file("valid.npy")), self.seq_len,
-                                max_tokens=self.eval_tokens, desc="valid perplexity")
+            [result] = evaluate(build, [job("valid perplexity", from_pretrained, path=str(build.path))],
+                                corpus.file("valid.npy"), self.seq_len, self.eval_tokens).values()
         build.metrics.update({"valid_loss": round(result["loss"], 5), "valid_perplexity": round(result["perplexity"], 4),
                               "valid_tokens": result["tokens"],
-                              "parameters": sum(p.numel() for p in model.parameters())})
+                              "parameters": checkpoint_config(build.path).num_params()})

@@ -27,7 +27,7 @@ class Corpus(Stage):
     max_bytes = Count(zero="all", description="stop reading each split after this many characters (0: all)")
 
     @classmethod
-    def instance(cls, params: dict) -> dict:
+    def lineage(cls, params: dict) -> dict:
         """The vocabulary the tokens are in: the preset's size, or a checkpoint's tokenizer."""
         return {k: params[k] for k in ("vocab_size", "tokenizer_sha256") if k in params}
 
@@ -47,7 +47,7 @@ class Corpus(Stage):
             params["vocab_size"] = get_preset(pipeline_settings().model).vocab_size
         return params
 
-    def needs(self, inputs):
+    def needs(self):
         from pipeline.resources import Needs
 
         root, files = data.discover(self.files)

@@ -42,6 +42,16 @@ class ExpertClusters(Stage):
             params["sample_tokens"] = self.sample_tokens
         return params
 
+    def needs(self):
+        needs = super().needs()
+        config = pipeline_settings().architecture()
+        # k-means: every neuron's row against every centroid per iteration; co-activation: the
+        # sample tokens through each fc_in
+        iterations = 0 if self.method == "random" else self.iterations
+        needs.flops = config.n_layer * 2.0 * config.n_inner * config.n_embd * (
+            iterations * self.num_expert + (self.sample_tokens if self.method == "coactivation" else 0))
+        return needs
+
     def build(self, build, inputs) -> None:
         from pipeline import methods
         from pipeline.models import load_state_dict_from_dir

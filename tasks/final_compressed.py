@@ -10,13 +10,13 @@ routers, expert permutations) that ``python -m pipeline.generate`` runs.
 """
 from __future__ import annotations
 
-import copy
 import shutil
 
 import luigi
 
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus
+from tasks.evaluation import evaluate
 from tasks.pruning_masks import PruningMasks
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
@@ -70,11 +70,8 @@ class FinalCompressed(DistillingStage):
                                        (self.distill, "KD")) if on]
         return " + ".join(parts) or "fine-tuning"
 
-    def needs(self, inputs):
-        from pipeline.resources import model_bytes
-
-        base = model_bytes(inputs["BaseModel"])
-        return self.training_needs(base, teacher=base if self.distill else 0.0, export_int8=self.int8)
+    def needs(self):
+        return self.training_needs(teacher=self.distill, export_int8=self.int8, evaluations=4 if self.int8 else 2)
 
     def build(self, build, inputs) -> None:
         from pipeline import methods
@@ -103,25 +100,22 @@ class FinalCompressed(DistillingStage):
 
     def evaluate(self, build, inputs, topk) -> None:
         from pipeline import methods
-        from pipeline.data import load_tokens
-        from pipeline.evaluate import perplexity
+        from pipeline.evaluate import job
         from pipeline.models import from_pretrained
+        from pipeline.train import as_trained
 
         base = inputs["BaseModel"]
-        valid = load_tokens(inputs["Corpus"].file("valid.npy"))
+        valid = inputs["Corpus"].file("valid.npy")
         model = from_pretrained(build.path)
-        trained = copy.deepcopy(model)  # as it ran in training: int8 GEMMs, routed FFNs
-        if self.moe:
-            methods.use("moe").route_experts(trained, build.path, topk)
-        if self.int8:
-            methods.use("quant").BMQuant.quantize(trained)
         teacher_bytes = base.file("model.safetensors").stat().st_size
         metrics = {"variant": self.variant, "toggles": {t: getattr(self, t) for t in TOGGLES}, "moe_topk": topk,
                    "hf_bytes": (build.path / "model.safetensors").stat().st_size, "teacher_bytes": teacher_bytes}
         with build.timed("evaluate"):
-            teacher = perplexity(from_pretrained(base.path), valid, self.seq_len, max_tokens=self.eval_tokens,
-                                 desc="teacher")["perplexity"]
-            ppl = perplexity(trained, valid, self.seq_len, max_tokens=self.eval_tokens, desc=self.variant)["perplexity"]
+            # the trained model as it ran in training: int8 GEMMs, routed FFNs
+            jobs = [job("teacher", from_pretrained, path=str(base.path)),
+                    job(self.variant, as_trained, path=str(build.path), moe_topk=topk, int8=self.int8)]
+            results = evaluate(build, jobs, valid, self.seq_len, self.eval_tokens)
+            teacher, ppl = results["teacher"]["perplexity"], results[self.variant]["perplexity"]
             metrics.update(teacher_valid_perplexity=round(teacher, 4), valid_perplexity=round(ppl, 4),
                            perplexity_ratio=round(ppl / teacher, 4))
             if self.int8:
@@ -130,9 +124,10 @@ class FinalCompressed(DistillingStage):
                 sizes = compressed.export_compressed(model, out, build.path if self.moe else None, topk, calibrate=True)
                 shutil.copyfile(build.path / "tokenizer.json", out / "tokenizer.json")
                 # as deployed (fbgemm, the measured dense/sparse crossover), and in QAT's arithmetic
-                deployed, exact = (perplexity(compressed.load_compressed(out, exact=e), valid, self.seq_len,
-                                              max_tokens=self.eval_tokens, desc="compressed")["perplexity"]
-                                   for e in (False, True))
+                jobs = [job(f"compressed, exact={e}", compressed.load_compressed, path=str(out), exact=e)
+                        for e in (False, True)]
+                results = evaluate(build, jobs, valid, self.seq_len, self.eval_tokens, tag="evaluate-compressed")
+                deployed, exact = (r["perplexity"] for r in results.values())
                 metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"],
                                compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
                                compressed_valid_perplexity=round(deployed, 4),

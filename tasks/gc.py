@@ -45,7 +45,8 @@ def slots(published: dict[str, Artifact]) -> dict[str, tuple]:
                 return ("?", version)
             stage = artifact.manifest["stage"]
             cls = classes.get(stage)
-            own = tuple(sorted(cls.instance(artifact.manifest["params"]).items())) if cls else ()
+            params = artifact.manifest["params"]
+            own = tuple(sorted({**cls.instance(params), **cls.lineage(params)}.items())) if cls else ()
             inputs = tuple(sorted((name, slot(v)) for name, v in artifact.manifest.get("upstream", {}).items()))
             found[version] = (stage, own, inputs)
         return found[version]

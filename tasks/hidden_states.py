@@ -33,18 +33,19 @@ class HiddenStates(Stage):
         if "Corpus" in inputs:
             plan_windows(inputs["Corpus"].path, self.seq_len, self.token_budget, self.heldout_fraction)
 
-    def needs(self, inputs):
-        from pipeline.resources import Needs, model_bytes
+    def needs(self):
+        from pipeline.resources import Needs
 
         config = pipeline_settings().architecture()
         shards = pipeline_settings().nproc_per_node * pipeline_settings().nnodes
         shards += self.token_budget // self.part_tokens
         # fp16 values and a heldout flag per token, and HDF5's own records (about 16 KiB a shard)
         disk = self.token_budget * (config.n_layer * config.n_embd * 2 + 1) + shards * 16384 * (1 + config.n_layer)
-        memory = pipeline_settings().nproc_per_node * (model_bytes(inputs["ReluModel"]) + 64 * self.batch_size
-                                                       * self.seq_len * config.n_embd * 4 * 2)
-        return Needs(disk, memory, f"{self.token_budget} tokens x {config.n_layer} layers x {config.n_embd} fp16 "
-                                   f"values; the model and a batch per rank")
+        rank = self.model_bytes() + 64 * self.batch_size * self.seq_len * config.n_embd * 4 * 2
+        flops, _ = self.evaluation_needs(1, self.token_budget)
+        return Needs(disk, pipeline_settings().nproc_per_node * rank,
+                     f"{self.token_budget} tokens x {config.n_layer} layers x {config.n_embd} fp16 values; the model "
+                     f"and a batch per rank", flops, rank)
 
     def build(self, build, inputs) -> None:
         import h5py

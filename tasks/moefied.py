@@ -3,6 +3,7 @@ several top-k, with the MLP routers, with groundtruth selection and on a random 
 from __future__ import annotations
 
 from tasks.corpus import Corpus, check_windows
+from tasks.evaluation import evaluate
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
 from tasks.params import Count, SeqLen
@@ -20,22 +21,34 @@ class Moefied(Stage):
     def effective_params(self) -> dict:
         return {"eval_tokens": self.eval_tokens, "seq_len": self.seq_len}
 
+    def needs(self):
+        from pipeline.moefication.evaluation import FRACTIONS, SETTINGS
+        from pipeline.resources import Needs
+
+        model = self.model_bytes()
+        flops, rank = self.evaluation_needs(1 + len(FRACTIONS) * len(SETTINGS), self.eval_tokens)
+        return Needs(2**20, 2 * model, "one model and its MoE copy for the sparse-path check", flops, rank)
+
     def check_inputs(self, inputs) -> None:
         if "Corpus" in inputs:
             check_windows(inputs["Corpus"], self.seq_len, ("valid",))
 
     def build(self, build, inputs) -> None:
         from pipeline.data import load_tokens
-        from pipeline.models import from_pretrained
-        from pipeline.moefication.evaluation import evaluate_moe, write_report
+        from pipeline.models.config import checkpoint_config
+        from pipeline.moefication.evaluation import moe_jobs, moe_table, sparse_vs_simulation, topk_for, write_report
 
-        routers = inputs["Routers"]
-        model = from_pretrained(inputs["ReluModel"].path).eval()
-        valid = load_tokens(inputs["Corpus"].path / "valid.npy")
+        routers, relu = inputs["Routers"], inputs["ReluModel"]
+        num_expert = routers.metrics["num_expert"]
+        valid = inputs["Corpus"].file("valid.npy")
         with build.timed("evaluate"):
-            metrics = evaluate_moe(model, {"clustered": routers.path, "random": inputs["RandomRouters"].path},
-                                   routers.metrics["num_expert"], valid, self.seq_len, self.eval_tokens)
+            jobs = moe_jobs(relu.path, {"clustered": routers.path, "random": inputs["RandomRouters"].path}, num_expert)
+            metrics = moe_table(evaluate(build, jobs, valid, self.seq_len, self.eval_tokens), num_expert,
+                                self.eval_tokens)
+            metrics["sparse_max_abs_diff"] = sparse_vs_simulation(relu.path, routers.path, num_expert,
+                                                                  topk_for(0.2, num_expert),
+                                                                  load_tokens(valid)[:self.seq_len])
         metrics.update({k: routers.metrics[k] for k in ("mean_router_coverage", "mean_groundtruth_coverage",
                                                           "mean_coverage_ratio")})
         build.metrics.update(metrics)
-        write_report(metrics, build.path, f"MoEfication of {model.config.n_layer}-layer ReLU GPT-J")
+        write_report(metrics, build.path, f"MoEfication of {checkpoint_config(relu.path).n_layer}-layer ReLU GPT-J")

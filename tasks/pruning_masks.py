@@ -16,6 +16,10 @@ class PruningMasks(Stage):
     moefication = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                       description="true: masks for the ReLU model in expert order; false: the base model")
 
+    @classmethod
+    def instance(cls, params: dict) -> dict:
+        return {"moefication": params["moefication"]}
+
     def upstream(self):
         if self.moefication:
             return {"ReluModel": ReluModel(), "ExpertClusters": ExpertClusters()}

@@ -7,6 +7,7 @@ import shutil
 
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus
+from tasks.evaluation import evaluate
 from tasks.stage import pipeline_settings
 from tasks.training import DistillingStage, train_model_name, unused_distill_params
 
@@ -25,27 +26,22 @@ class ReluModel(DistillingStage):
     def effective_params(self) -> dict:
         return {**self.training_params(), "eval_tokens": self.eval_tokens}
 
-    def needs(self, inputs):
-        from pipeline.resources import model_bytes
-
-        base = model_bytes(inputs["BaseModel"])
-        return self.training_needs(base, teacher=base)
+    def needs(self):
+        return self.training_needs(teacher=True, evaluations=2)
 
     def build(self, build, inputs) -> None:
-        from pipeline import data
-        from pipeline.evaluate import perplexity
+        from pipeline.evaluate import job
         from pipeline.models import from_pretrained
 
         corpus, base = inputs["Corpus"], inputs["BaseModel"]
         self.train(build, "--model", train_model_name(pipeline_settings().model, "-relu"), "--load", str(base.path),
                    "--use-kd", "--load-teacher", str(base.path), "--data", str(corpus.path))
         shutil.copyfile(corpus.file("tokenizer.json"), build.path / "tokenizer.json")
-        valid = data.load_tokens(corpus.file("valid.npy"))
+        jobs = [job("ReLU model", from_pretrained, ffn_sparsity=True, path=str(build.path)),
+                job("teacher", from_pretrained, ffn_sparsity=True, path=str(base.path))]
         with build.timed("evaluate"):
-            student = perplexity(from_pretrained(build.path), valid, self.seq_len, max_tokens=self.eval_tokens,
-                                 desc="ReLU model", ffn_sparsity=True)
-            teacher = perplexity(from_pretrained(base.path), valid, self.seq_len, max_tokens=self.eval_tokens,
-                                 desc="teacher", ffn_sparsity=True)
+            results = evaluate(build, jobs, corpus.file("valid.npy"), self.seq_len, self.eval_tokens)
+        student, teacher = results["ReLU model"], results["teacher"]
         sparsity = student["ffn_sparsity"]
         build.metrics.update({
             "valid_perplexity": round(student["perplexity"], 4),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus, check_windows
+from tasks.evaluation import evaluate
 from tasks.final_compressed import FinalCompressed
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
@@ -45,24 +46,24 @@ class Report(Stage):
         if "Corpus" in inputs:
             check_windows(inputs["Corpus"], self.seq_len, ("valid",))
 
-    def needs(self, inputs):
-        from pipeline.resources import Needs, model_bytes
+    def needs(self):
+        from pipeline.resources import Needs
 
-        model = model_bytes(inputs["BaseModel"])
-        return Needs(model / 2 + 4 * 2**20, (len(inputs) + 2) * model,
-                     f"an int8 copy of the teacher and four plots; {len(inputs) + 2} models held at once for "
-                     f"the speed runs")
+        model = self.model_bytes()
+        flops, rank = self.evaluation_needs(len(VARIANTS) + 5, self.eval_tokens)
+        return Needs(model / 2 + 4 * 2**20, 2.5 * model,
+                     "an int8 copy of the teacher and four plots; the teacher and one variant held at a time",
+                     flops, rank)
 
     def build(self, build, inputs) -> None:
         import torch
 
         from pipeline.compressed import COMPRESSED_DIR, export_compressed, load_compressed
-        from pipeline.data import load_tokens
-        from pipeline.evaluate import perplexity
+        from pipeline.evaluate import job
         from pipeline.models import from_pretrained
-        from pipeline.moefication import BMMoE
         from pipeline.moefication.files import CLUSTERS, ROUTERS
-        from pipeline.report import SPEED_TOKENS, tokens_per_second, write_markdown
+        from pipeline.moefication.moe import load_moefied
+        from pipeline.report import measure_rows, write_markdown
 
         base, relu, routers = inputs["BaseModel"], inputs["ReluModel"], inputs["Routers"]
         num_expert, topk = routers.metrics["num_expert"], routers.metrics["topk"]
@@ -71,10 +72,9 @@ class Report(Stage):
             files = ["model.safetensors"] + ([CLUSTERS, ROUTERS] if moe else [])
             return sum(artifact.file(f).stat().st_size for f in files)
 
-        def moe_model(path, routers_dir):
-            model = from_pretrained(path)
-            BMMoE.moefy(model, num_expert, topk, routers_dir, sparse=True)
-            return model.eval()
+        def moe_model(name, path, routers_dir):
+            return job(name, load_moefied, path=str(path), num_expert=num_expert, topk=topk, routers=str(routers_dir),
+                       sparse=True)
 
         def final_row(name, artifact):
             toggles = artifact.metrics["toggles"]
@@ -84,51 +84,48 @@ class Report(Stage):
                     share = artifact.metrics["moe_dense_above"]
                     moe = (f"; MoE FFNs on the sparse path below {share:.0%} of the experts per call and masked dense "
                            f"from there (the crossover measured at export{', so always dense here' if share * num_expert <= topk else ''})")
-                return (name, lambda: load_compressed(artifact.path / COMPRESSED_DIR), artifact.metrics["compressed_bytes"],
+                return (name, job(name, load_compressed, path=str(artifact.path / COMPRESSED_DIR)),
+                        artifact.metrics["compressed_bytes"],
                         f"FinalCompressed {artifact.version}: {artifact.metrics['variant']}, int8 model as deployed "
                         f"(`compressed/`, fbgemm int8 GEMMs{moe})")
             if toggles["moe"]:
-                return (name, lambda: moe_model(artifact.path, artifact.path), dense_bytes(artifact, True),
+                return (name, moe_model(name, artifact.path, artifact.path), dense_bytes(artifact, True),
                         f"FinalCompressed {artifact.version}: {artifact.metrics['variant']}, sparse MoE path")
-            return (name, lambda: from_pretrained(artifact.path), dense_bytes(artifact),
+            return (name, job(name, from_pretrained, path=str(artifact.path)), dense_bytes(artifact),
                     f"FinalCompressed {artifact.version}: {artifact.metrics['variant']}, dense fp32 weights with the "
                     f"2:4 zeros stored (no sparse format)")
 
         ptq_dir = build.path / "int8_ptq"
-        teacher_model = from_pretrained(base.path)
+        teacher_model = from_pretrained(base.path).eval()
         ptq = export_compressed(teacher_model, ptq_dir)
+        moe_name, ptq_name = f"MoE {round(100 * topk / num_expert)}% experts", "int8 PTQ (no training)"
         rows = [
-            ("teacher", lambda: teacher_model, dense_bytes(base), f"BaseModel {base.version}, fp32"),
-            ("ReLU", lambda: from_pretrained(relu.path), dense_bytes(relu), f"ReluModel {relu.version}, fp32"),
-            (f"MoE {round(100 * topk / num_expert)}% experts", lambda: moe_model(relu.path, routers.path),
+            ("teacher", job("teacher", from_pretrained, path=str(base.path)), dense_bytes(base),
+             f"BaseModel {base.version}, fp32"),
+            ("ReLU", job("ReLU", from_pretrained, path=str(relu.path)), dense_bytes(relu), f"ReluModel {relu.version}, fp32"),
+            (moe_name, moe_model(moe_name, relu.path, routers.path),
              dense_bytes(relu) + sum(routers.file(f).stat().st_size for f in (CLUSTERS, ROUTERS)),
              f"the ReLU model with Routers {routers.version}, top-{topk} of {num_expert}, sparse MoE path, fp32"),
             *[final_row(name, inputs[name]) for name in VARIANTS],
             final_row(f"final: {inputs['final'].metrics['variant']}", inputs["final"]),
-            ("int8 PTQ (no training)", lambda: load_compressed(ptq_dir), ptq["bytes"],
+            (ptq_name, job(ptq_name, load_compressed, path=str(ptq_dir)), ptq["bytes"],
              "the teacher's weights rounded to int8 per row, no training: the baseline QAT must beat"),
         ]
-        valid = load_tokens(inputs["Corpus"].file("valid.npy"))
-        models, results = {}, []
-        with build.timed("evaluate"):
-            for name, load, nbytes, what in rows:
-                model = models[name] = load()
-                ppl = perplexity(model, valid, self.seq_len, max_tokens=self.eval_tokens, desc=name)["perplexity"]
-                results.append({"name": name, "perplexity": round(ppl, 4), "bytes": nbytes, "what": what})
-        with build.timed("speed"):
-            speed = tokens_per_second(models, models["teacher"].config.vocab_size, rounds=self.rounds)
+        with build.timed("evaluate"):  # on the [pipeline] ranks, one model at a time
+            perplexities = evaluate(build, [spec for _, spec, _, _ in rows], inputs["Corpus"].file("valid.npy"),
+                                    self.seq_len, self.eval_tokens)
+        with build.timed("speed"):  # here, the teacher and one variant at a time
+            results = measure_rows(teacher_model, rows, {n: r["perplexity"] for n, r in perplexities.items()},
+                                   teacher_model.config.vocab_size, self.rounds)
         teacher = results[0]
         for r in results:
             r.update(perplexity_ratio=round(r["perplexity"] / teacher["perplexity"], 4),
                      size_ratio=round(r["bytes"] / teacher["bytes"], 4))
-            for n in SPEED_TOKENS:
-                r[f"tokens_per_s_{n}"] = round(speed[r["name"]][n], 1)
-                r[f"speed_ratio_{n}"] = round(speed[r["name"]][n] / speed["teacher"][n], 3)
         metrics = {"rows": results, "eval_tokens": self.eval_tokens, "seq_len": self.seq_len, "rounds": self.rounds,
                    "threads": torch.get_num_threads()}
         build.metrics.update(metrics)
         self.plots(build.path, inputs, results)
-        write_markdown(metrics, build.path, f"Compression report: {models['teacher'].config.n_layer}-layer GPT-J")
+        write_markdown(metrics, build.path, f"Compression report: {teacher_model.config.n_layer}-layer GPT-J")
 
     def plots(self, out, inputs, rows) -> None:
         from pipeline.report import plot_layers, plot_loss_curves, plot_perplexity_size

@@ -30,13 +30,16 @@ class Routers(Stage):
         return {"topk_fraction": self.topk_fraction, "epochs": self.epochs, "batch_size": self.batch_size,
                 "lr": self.lr, "seed": self.seed}
 
-    def needs(self, inputs):
-        from pipeline.resources import Needs, model_bytes
+    def needs(self):
+        from pipeline.resources import Needs
 
-        hidden = inputs["HiddenStates"].metrics
-        layer = hidden["tokens"] * hidden["d_model"] * 4
-        model = model_bytes(inputs["ReluModel"])
-        return Needs(model / 8, 2 * model + 2 * layer, "the model, and one layer's hidden states in fp32 twice")
+        config, tokens = pipeline_settings().architecture(), self.upstream()["HiddenStates"].token_budget
+        layer, model = tokens * config.n_embd * 4, self.model_bytes()
+        experts = self.upstream()["ExpertClusters"].num_expert
+        # per layer: the experts' true activation once (fc_in), the router's two products forward and back
+        flops = config.n_layer * tokens * (2 * config.n_embd * config.n_inner
+                                           + self.epochs * 6 * (config.n_embd * experts + experts * experts))
+        return Needs(model / 8, 2 * model + 2 * layer, "the model, and one layer's hidden states in fp32 twice", flops)
 
     def build(self, build, inputs) -> None:
         from safetensors.torch import load_file

@@ -131,6 +131,12 @@ class Stage(luigi.Task):
         (FinalCompressed's toggles); gc keeps the newest version of each instance."""
         return {}
 
+    @classmethod
+    def lineage(cls, params: dict) -> dict:
+        """Of a version's parameters, those that say which model it belongs to (BaseModel's preset
+        or checkpoint): gc keeps the newest version of each instance for every model ever built."""
+        return {}
+
     def positions(self) -> int:
         """The longest window the model takes (its n_positions)."""
         return pipeline_settings().architecture().n_positions
@@ -205,12 +211,23 @@ class Stage(luigi.Task):
         the inputs already published (``inputs`` may lack some), and again with all of them before
         the stage's resources are checked."""
 
-    def needs(self, inputs: dict[str, Artifact]) -> resources.Needs:
-        """What building this stage writes to disk and holds in memory, estimated before it starts.
-        By default: a stage that reads its inputs' models, holds two copies of each (the weights
-        and what is computed from them) and writes at most half their size (masks, clusters)."""
-        models = sum(resources.model_bytes(a) for a in inputs.values() if "model.safetensors" in a.manifest["files"])
-        return resources.Needs(models / 2, 2 * models, "its input models in fp32, twice")
+    def needs(self) -> resources.Needs:
+        """What building this stage writes to disk, holds in memory and computes, estimated from
+        the model's architecture and the parameters before anything is built (``tasks.plan``
+        prints it for the whole graph). By default: a stage that reads one model, holds two
+        copies of it (the weights and what is computed from them) and writes at most half its
+        size (masks, clusters)."""
+        model = self.model_bytes()
+        return resources.Needs(model / 2, 2 * model, "its input model in fp32, twice")
+
+    def model_bytes(self) -> float:
+        """The fp32 bytes of the model this run compresses."""
+        return 4.0 * pipeline_settings().architecture().num_params()
+
+    def evaluation_needs(self, models: int, tokens: int) -> tuple[float, float]:
+        """(FLOPs, bytes per rank) of evaluating ``models`` models on ``tokens`` tokens each."""
+        params = pipeline_settings().architecture().num_params()
+        return 2.0 * params * tokens * models, 4.0 * params
 
     def open_inputs(self, store: Store) -> dict[str, Artifact]:
         """The upstream artifacts, each verified against its manifest; a broken one is moved aside
@@ -235,7 +252,7 @@ class Stage(luigi.Task):
             return
         inputs = self.open_inputs(store)
         self.check_inputs(inputs)
-        needs = self.needs(inputs)
+        needs = self.needs()
         resources.check(self.stage_name, needs, store.root)
         try:
             with store.publishing(self.spec()) as build:

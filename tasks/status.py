@@ -7,6 +7,7 @@ the ``luigi`` command takes); this module only compares it with the store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -19,14 +20,22 @@ from pipeline.cli import UsageError
 def current_specs(overrides: list[str]) -> list[StageSpec]:
     """The specs of every stage the targets of ``tasks`` need, with luigi.cfg and ``overrides``
     applied as the ``luigi`` command would."""
+    with current_graph(overrides) as stages:
+        return [t.spec() for t in stages]
+
+
+@contextlib.contextmanager
+def current_graph(overrides: list[str], targets: tuple[str, ...] = ()):
+    """Every stage ``targets`` (default: ``tasks.TARGETS``) need, upstream first, with luigi.cfg
+    and ``overrides`` applied as the ``luigi`` command would; the parameters hold while inside."""
     from luigi.cmdline_parser import CmdlineParser
 
     tasks = importlib.import_module("tasks")
     from tasks.stage import graph
 
-    root = tasks.TARGETS[-1].__name__
-    with CmdlineParser.global_instance([root, *overrides]):
-        return [t.spec() for t in graph([cls() for cls in tasks.TARGETS])]
+    classes = [getattr(tasks, t) for t in targets] or list(tasks.TARGETS)
+    with CmdlineParser.global_instance([classes[-1].__name__, *overrides]):
+        yield graph([cls() for cls in classes])
 
 
 def parse_graph_command(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, list[StageSpec]]:
@@ -82,7 +91,9 @@ def instance_label(spec: StageSpec, specs: list[StageSpec]) -> str:
     siblings = [s for s in specs if s.stage == spec.stage]
     if len(siblings) < 2:
         return ""
-    differing = sorted(k for k in spec.params if len({repr(s.params.get(k)) for s in siblings}) > 1)
+    instance = stage_classes()[spec.stage].instance  # the parameters that make instances, where declared
+    own = instance(spec.params) or spec.params
+    differing = sorted(k for k in own if len({repr(s.params.get(k)) for s in siblings}) > 1)
     parts = [f"{k}={spec.params[k]}" for k in differing]
     if not parts:  # the same parameters on different inputs (Routers on two clusterings): name the inputs
         by_version = {s.version: s for s in specs}

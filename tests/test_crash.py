@@ -32,8 +32,8 @@ TRAINED_FILES = {"BaseModel": "model.safetensors", "ReluModel": "model.safetenso
                  "FinalCompressed": "model.safetensors", "Routers": "routers.safetensors"}
 PUBLISH_STEPS = ["before-manifest", "before-rename", "after-rename"]
 # for the first kill of a stage that saves progress: its first saved piece
-MILESTONES = {"BaseModel": "resume/checkpoint.pt", "ReluModel": "resume/checkpoint.pt",
-              "FinalCompressed": "resume/checkpoint.pt", "HiddenStates": "shard-*.h5"}
+MILESTONES = {"BaseModel": "resume/checkpoint.json", "ReluModel": "resume/checkpoint.json",
+              "FinalCompressed": "resume/checkpoint.json", "HiddenStates": "shard-*.h5"}
 # files that hold wall-clock times: logs, the training log's timings, the Report's speed table
 TIMED = {"stage.log", "train.log", "dump.log", "train_log.json"}
 TIMED_BY_STAGE = {"Report": {"report.md"}}
@@ -217,7 +217,7 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(chain, tmp_path, i, sta
         assert "building in" not in log, "a published build was redone"
     for saved, run_log in resumed_from[1:]:  # every run that found saved progress, and got to train, used it
         trained = re.search(r"^(\[default0\]:)?step \d+ loss", run_log, re.M)  # torchrun's rank prefix
-        if any(p.endswith("resume/checkpoint.pt") for p in saved) and trained:
+        if any(p.endswith("resume/checkpoint.json") for p in saved) and trained:
             assert "resuming from step" in run_log, "training restarted from zero despite a checkpoint"
     if any(Path(p).name.startswith("shard-") for p in resumed_from[-1][0]):  # left for the last run
         assert "complete shard(s) kept from an earlier run" in log, "the dump restarted from zero despite its shards"

@@ -15,7 +15,7 @@ def test_gc_skips_the_version_a_live_run_is_building(project):
                            env=p.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while not list(p.artifacts.glob("BaseModel/.scratch-*/resume/checkpoint.pt")):
+        while not list(p.artifacts.glob("BaseModel/.scratch-*/resume/checkpoint.json")):
             assert run.poll() is None and time.time() < deadline, "the build never saved a checkpoint"
             time.sleep(0.1)
         [scratch] = p.artifacts.glob("BaseModel/.scratch-*")
@@ -23,7 +23,7 @@ def test_gc_skips_the_version_a_live_run_is_building(project):
         assert f"skipping {scratch}" in dry and f"the run with pid {run.pid} is building BaseModel" in dry, dry
         gc = p.run("-m", "tasks.gc").stdout
         assert f"skipping {scratch}" in gc and "skipped 1 that a live run is building" in gc, gc
-        assert (scratch / "resume" / "checkpoint.pt").is_file(), "the live run's resume state is kept"
+        assert (scratch / "resume" / "checkpoint.json").is_file(), "the live run's resume state is kept"
         assert run.poll() is None, "the build is still running"
     finally:
         os.killpg(run.pid, signal.SIGKILL)

@@ -86,3 +86,29 @@ def test_only_stale_stages_rerun_and_status_says_why(project):
 def test_status_text_output_lists_every_stage(project):
     out = project.run("-m", "tasks.status").stdout
     assert "Corpus" in out and "BaseModel" in out and "missing" in out and "never built" in out
+
+
+def test_status_compares_an_instance_with_its_own_builds_and_labels_each(chain, tmp_path):
+    """The random-split ExpertClusters, never built, is missing (not "method changed" against the
+    k-means split); the two Routers sets are told apart by the clustering they train on."""
+    import subprocess
+    import sys
+
+    from conftest import TWO_RANKS
+    from test_crash import link_store
+
+    store = tmp_path / "artifacts"
+    link_store(chain.artifacts, store, without="")
+    for version in (store / "ExpertClusters").iterdir():
+        if json.loads((version / "manifest.json").read_text())["params"]["method"] == "random":
+            import shutil
+            shutil.rmtree(version)
+    env = {**chain.env, "PIPELINE_ARTIFACTS": str(store)}
+    proc = subprocess.run([sys.executable, "-m", "tasks.status", "--json", *TWO_RANKS], cwd=chain.root, env=env,
+                          capture_output=True, text=True, check=True)
+    entries = json.loads(proc.stdout)
+    [random] = [e for e in entries if e["stage"] == "ExpertClusters" and e["params"]["method"] == "random"]
+    assert random["state"] == "missing" and random["reasons"] == ["never built"]
+    assert "iterations" not in random["params"], "a random split has no k-means iterations"
+    labels = sorted(e["label"] for e in entries if e["stage"] == "Routers")
+    assert labels == ["(ExpertClusters method=balanced_kmeans)", "(ExpertClusters method=random)"]

@@ -1,9 +1,11 @@
 """Property-based tests (hypothesis) for configuration and parameter parsing, and for the small
 functions the store's guarantees rest on."""
 import contextlib
+import weakref
 
 import luigi
 import numpy as np
+import torch
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -143,3 +145,29 @@ def test_safetensors_bytes_do_not_depend_on_metadata_order(tmp_path_factory, met
     with safe_open(str(d / "a.safetensors"), "pt") as f:
         assert f.metadata() == metadata
         assert torch.equal(f.get_tensor("w"), tensors["w"])
+
+
+ALIVE, PEAK = weakref.WeakSet(), [0]
+
+
+def tracked_model(seed: int):
+    """A model the Report test counts while it lives (an evaluation job's loader)."""
+    from pipeline.models import GPTJ, get_preset
+
+    torch.manual_seed(seed)
+    model = GPTJ(get_preset("gpt-j-smoke")).eval()
+    ALIVE.add(model)
+    PEAK[0] = max(PEAK[0], len(ALIVE))
+    return model
+
+
+def test_the_report_holds_at_most_two_models_at_once():
+    """The teacher and one variant: each variant is freed before the next is loaded."""
+    from pipeline.evaluate import job
+    from pipeline.report import measure_rows
+
+    teacher = tracked_model(0)
+    rows = [("teacher", None, 1, "")] + [(f"v{i}", job(f"v{i}", tracked_model, seed=i), 1, "") for i in range(1, 5)]
+    results = measure_rows(teacher, rows, {r[0]: 2.0 for r in rows}, teacher.config.vocab_size, rounds=1)
+    assert PEAK[0] == 2 and [r["name"] for r in results] == [r[0] for r in rows]
+    assert results[0]["speed_ratio_1"] == 1.0 and all(r["tokens_per_s_16"] > 0 for r in results)

@@ -43,7 +43,7 @@ def test_relu_stage_records_its_numbers_and_survives_a_killed_rank(chain, tmp_pa
                              cwd=project.root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(project.artifacts.glob("ReluModel/.scratch-*/resume/checkpoint.pt")):
+    while time.time() < deadline and not list(project.artifacts.glob("ReluModel/.scratch-*/resume/checkpoint.json")):
         time.sleep(0.2)
     ranks = training_ranks("ReluModel/.scratch-")
     assert 1 in ranks, f"no rank 1 found: {ranks}"

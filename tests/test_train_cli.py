@@ -97,14 +97,23 @@ def test_a_rank_frees_what_it_built_on_the_group_before_it_exits(tmp_path, corpu
     assert proc.stdout.count("alive after main: []") == 2, proc.stdout[-2000:]
 
 
-def test_fsdp2_resume_equals_uninterrupted(tmp_path, corpus):
+def test_fsdp2_resume_from_sharded_checkpoints_is_bit_exact(tmp_path, corpus):
+    """Each rank writes and reads its own shard (torch.distributed.checkpoint); the resumed run
+    ends with the uninterrupted run's losses and weights, bit for bit."""
+    from safetensors.torch import load_file
+
     common = ["--model", "gpt-j-smoke", "--data", str(corpus), "--steps", "6", "--batch-size", "4",
               "--seq-len", "32", "--save-interval", "2", "--sharding", "fsdp"]
     torchrun(2, "--save-dir", str(tmp_path / "a"), *common)
     torchrun(2, "--save-dir", str(tmp_path / "b"), *common, "--stop-after", "3")
+    pointer = json.loads((tmp_path / "b" / "resume" / train.CHECKPOINT).read_text())
+    shards = sorted(p.name for p in (tmp_path / "b" / "resume" / pointer["dir"]).glob("*.distcp"))
+    assert pointer["step"] == 2 and shards == ["__0_0.distcp", "__1_0.distcp"], shards
     proc = torchrun(2, "--save-dir", str(tmp_path / "b"), *common)
     assert "resuming from step 2" in proc.stdout
-    np.testing.assert_allclose(losses(tmp_path / "b"), losses(tmp_path / "a"), rtol=1e-6)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def run_main(*args):

@@ -3,14 +3,13 @@ versions at several top-k, with the trained routers, with groundtruth selection 
 split; written as a markdown report with one plot."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.evaluate import perplexity
-from pipeline.moefication.moe import BMMoE
+from pipeline.evaluate import job
+from pipeline.moefication.moe import load_moefied
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.5)
 # name -> (which routers directory, selection)
@@ -22,38 +21,44 @@ def topk_for(fraction: float, num_expert: int) -> int:
     return max(1, min(num_expert, round(fraction * num_expert)))
 
 
-def evaluate_moe(model, routers: dict[str, Path], num_expert: int, tokens: np.ndarray, seq_len: int,
-                 eval_tokens: int, fractions=FRACTIONS) -> dict:
-    """Perplexities of ``model`` (dense) and of its MoE versions, with the sparse path checked
-    against the simulation on the first window."""
-    def ppl(m):
-        return round(perplexity(m, tokens, seq_len, max_tokens=eval_tokens)["perplexity"], 4)
+def moe_jobs(relu: Path, routers: dict[str, Path], num_expert: int, fractions=FRACTIONS) -> list[dict]:
+    """The evaluation jobs (``pipeline.evaluate.job``): the dense ReLU model, then every setting at
+    every fraction."""
+    from pipeline.models import from_pretrained
 
-    dense = ppl(model)
+    jobs = [job("dense", from_pretrained, path=str(relu))]
+    for fraction in fractions:
+        topk = topk_for(fraction, num_expert)
+        for name, (split, selection) in SETTINGS.items():
+            jobs.append(job(f"{name} top-{topk}", load_moefied, path=str(relu), num_expert=num_expert, topk=topk,
+                            routers=str(routers[split]), selection=selection))
+    return jobs
+
+
+def moe_table(results: dict[str, dict], num_expert: int, eval_tokens: int, fractions=FRACTIONS) -> dict:
+    """The Moefied metrics from the jobs' results: the dense perplexity and, per fraction, each
+    setting's perplexity and its ratio to the dense model."""
+    def ppl(name):
+        return round(results[name]["perplexity"], 4)
+
+    dense = ppl("dense")
     rows = []
     for fraction in fractions:
         topk = topk_for(fraction, num_expert)
         row = {"fraction": fraction, "topk": topk}
-        for name, (split, selection) in SETTINGS.items():
-            moe = copy.deepcopy(model)
-            BMMoE.moefy(moe, num_expert, topk, routers[split], selection=selection)
-            row[name] = ppl(moe)
+        for name in SETTINGS:
+            row[name] = ppl(f"{name} top-{topk}")
             row[f"{name}_ratio"] = round(row[name] / dense, 4)
         rows.append(row)
-    return {"dense_perplexity": dense, "num_expert": num_expert, "eval_tokens": eval_tokens, "table": rows,
-            "sparse_max_abs_diff": sparse_vs_simulation(model, routers["clustered"], num_expert,
-                                                        topk_for(0.2, num_expert), tokens[:seq_len])}
+    return {"dense_perplexity": dense, "num_expert": num_expert, "eval_tokens": eval_tokens, "table": rows}
 
 
 @torch.no_grad()
-def sparse_vs_simulation(model, routers: Path, num_expert: int, topk: int, window: np.ndarray) -> float:
-    """Largest absolute logit difference between the sparse path and the simulation."""
+def sparse_vs_simulation(relu: Path, routers: Path, num_expert: int, topk: int, window: np.ndarray) -> float:
+    """Largest absolute logit difference between the sparse path and the simulation (one model
+    loaded at a time)."""
     ids = torch.from_numpy(window.astype(np.int64))[None]
-    outs = []
-    for sparse in (False, True):
-        moe = copy.deepcopy(model)
-        BMMoE.moefy(moe, num_expert, topk, routers, sparse=sparse)
-        outs.append(moe.eval()(ids))
+    outs = [load_moefied(str(relu), num_expert, topk, str(routers), sparse=sparse)(ids) for sparse in (False, True)]
     return float((outs[0] - outs[1]).abs().max())
 
 

@@ -68,3 +68,14 @@ class BMMoE:
                for block, (labels, router) in zip(model.transformer.h, layers)]
         for block, ffn in zip(model.transformer.h, moe):
             block.mlp = ffn
+
+
+def load_moefied(path: str, num_expert: int, topk: int, routers: str, selection: str = "router",
+                 sparse: bool = False):
+    """The dense model in ``path`` as a mixture of experts with the routers in ``routers`` (an
+    evaluation job's loader)."""
+    from pipeline.models import from_pretrained
+
+    model = from_pretrained(path)
+    BMMoE.moefy(model, num_expert, topk, routers, sparse=sparse, selection=selection)
+    return model.eval()
