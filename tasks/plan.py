@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(str(e)) from None
     print(f"plan: {len(rows)} stage(s) to run on {world} rank(s) at {args.tflops:g} TFLOP/s per GPU; "
           f"a rank has {human(limit)} ({limit_what})")
-    print(f"{'stage':<52} {'state':<8} {'host mem':>11} {'per rank':>11} {'disk':>11} {'PFLOP':>10} {'time':>9}")
+    print(f"{'stage':<52} {'state':<8} {'host mem':>11} {'per rank':>11} {'disk':>11} {'FLOPs':>10} {'time':>9}")
     total_time = 0.0
     for row in rows:
         needs = row["needs"]
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         total_time += seconds
         print(f"{row['stage']:<52} {row['state']:<8} {human(needs.memory):>11} "
               f"{human(needs.rank_memory) if needs.rank_memory else '-':>11} {human(needs.disk):>11} "
-              f"{needs.flops / 1e15:>10.3f} {_duration(seconds):>9}")
+              f"{needs.flops:>10.3g} {_duration(seconds):>9}")
     print(f"total: {human(sum(r['needs'].disk for r in rows))} written, {_duration(total_time)} of model work")
     for problem in found:
         print(f"does not fit: {problem}")

@@ -70,6 +70,10 @@ class TrainingStage(Stage):
         plans = [memory.plan(config, world, sharding, per_rank, self.seq_len, 4, float("inf"),
                              config if teacher else None) for sharding in ("ddp", "fsdp")]
         needs.rank_memory = min(p.total for p in plans)
+        import torch
+
+        if not torch.cuda.is_available():  # the ranks train in host memory
+            needs.memory = max(needs.memory, settings.nproc_per_node * needs.rank_memory)
         return needs
 
     def train(self, build, *args: str) -> None:

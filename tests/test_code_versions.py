@@ -47,7 +47,7 @@ RUNS = {
     "pipeline/models/gptj.py": {"BaseModel"},
     "pipeline/models/hf.py": {"BaseModel"},
     "pipeline/models/presets.py": EVERY,
-    "pipeline/moefication/__init__.py": {"Report"},
+    "pipeline/moefication/__init__.py": set(),  # re-exports only: the stages import the modules they run
     "pipeline/moefication/clustering.py": CLUSTERING | ROUTERS,
     "pipeline/moefication/coactivation.py": {"ExpertClusters(coactivation)"},
     "pipeline/moefication/evaluation.py": {"Moefied"},
