@@ -116,24 +116,19 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def run_stage(cmd: list[str], env: dict, stage_dir: Path) -> dict:
+def run_stage(cmd: list[str], env: dict, stage_dir: Path, log: Path) -> dict:
     """Run one stage; its wall time, the peak resident memory of its process tree and the peak
     growth of its stage directory (scratch and resume state included), sampled."""
     before, start, peak, disk, last = du(stage_dir), time.time(), 0, 0, 0.0
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = []
-    os.set_blocking(proc.stdout.fileno(), False)
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
-        if time.time() - last > 1.0:
-            disk, last = max(disk, du(stage_dir) - before), time.time()
-        chunk = proc.stdout.read()
-        if chunk:
-            out.append(chunk)
-        time.sleep(0.2)
-    out.append(proc.stdout.read() or "")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            if time.time() - last > 1.0:
+                disk, last = max(disk, du(stage_dir) - before), time.time()
+            time.sleep(0.2)
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{''.join(out)[-4000:]}")
+        sys.exit(f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}")
     return {"wall_s": time.time() - start, "peak_rss": peak, "disk": max(disk, du(stage_dir) - before)}
 
 
@@ -150,27 +145,27 @@ def main() -> None:
     cfg.write_text(CONFIG.format(checkpoint=checkpoint, nproc=args.nproc))
     env = {**os.environ, "PIPELINE_ARTIFACTS": str(store), "LUIGI_CONFIG_PATH": str(cfg), "PYTHONUNBUFFERED": "1"}
 
+    os.environ.update(LUIGI_CONFIG_PATH=str(cfg), PIPELINE_ARTIFACTS=str(store))  # before Luigi reads its config
     from luigi.cmdline_parser import CmdlineParser
 
-    os.environ.update(LUIGI_CONFIG_PATH=str(cfg), PIPELINE_ARTIFACTS=str(store))
-    import luigi.configuration
-
-    luigi.configuration.LuigiConfigParser.reload()
     import tasks
     from tasks.stage import graph
 
     with CmdlineParser.global_instance(["Report"]):
-        stages = [(t.stage_name, t.to_str_params(only_significant=True), t.version) for t in graph([tasks.Report()])]
+        stages = [(t.stage_name, t.to_str_params(only_significant=True)) for t in graph([tasks.Report()])]
     GB = 1024**3
-    print(f"{'stage':<34} {'wall':>7} {'peak RSS':>9} {'planned':>9} {'ratio':>6} {'disk':>9} {'planned':>9} {'ratio':>6}")
-    for name, params, version in stages:
+    print(f"{"stage":<52} {'wall':>7} {'peak RSS':>9} {'planned':>9} {'ratio':>6} {'disk':>9} {'planned':>9} {'ratio':>6}")
+    for i, (name, params) in enumerate(stages):
         flags = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", v)]
-        measured = run_stage([sys.executable, "-m", "luigi", "--module", "tasks", name, *flags], env, store / name)
-        metrics = json.loads((store / name / version / "manifest.json").read_text())["metrics"]
+        measured = run_stage([sys.executable, "-m", "luigi", "--module", "tasks", name, *flags], env, store / name,
+                             work / f"{i:02d}-{name}.log")
+        newest = max((json.loads(m.read_text()) for m in (store / name).glob("*/manifest.json")),
+                     key=lambda m: m["created"])  # the version this run just published
+        metrics = newest["metrics"]
         memory, disk = metrics["estimated_memory_bytes"], metrics["estimated_disk_bytes"]
         label = name + "".join(f" {k}={v}" for k, v in params.items() if k in ("int8", "pruning", "moe", "method",
                                                                              "cluster_method", "moefication") and v)
-        print(f"{label[:34]:<34} {measured['wall_s']:>6.0f}s {measured['peak_rss'] / GB:>8.2f}G {memory / GB:>8.2f}G "
+        print(f"{label[:52]:<52} {measured['wall_s']:>6.0f}s {measured['peak_rss'] / GB:>8.2f}G {memory / GB:>8.2f}G "
               f"{memory / max(measured['peak_rss'], 1):>5.2f}x {measured['disk'] / GB:>8.2f}G {disk / GB:>8.2f}G "
               f"{disk / max(measured['disk'], 1):>5.2f}x", flush=True)
 

@@ -35,6 +35,9 @@ class Needs:
                 "estimated_flops": float(self.flops), "estimated_rank_memory_bytes": int(self.rank_memory)}
 
 
+PROCESS_BYTES = 256 * 1024**2  # the interpreter and its libraries, in every process a stage starts
+
+
 def _limit(env: str) -> float | None:
     raw = os.environ.get(env)
     if not raw:

@@ -300,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"student's ({config.vocab_size}); distillation needs the same tokenizer")
 
     rank, world, device = distributed.setup()
-    run(args, config, int8, student_state, teacher_state, teacher_cfg, rank, world, device)
-    del student_state, teacher_state
+    weights = {"student": student_state, "teacher": teacher_state}
+    del student_state, teacher_state  # run drops them once its models hold the values
+    run(args, config, int8, weights, teacher_cfg, rank, world, device)
     distributed.teardown(world)
     return 0
 
 
-def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teacher_cfg, rank: int, world: int,
-        device) -> None:
+def run(args, config: GPTJConfig, int8: bool, weights: dict, teacher_cfg, rank: int, world: int, device) -> None:
     """This rank's part, between joining the process group and leaving it: build, train (resuming
     from ``<save-dir>/resume/``), save. What it builds is freed when it returns."""
     dtype = compute_dtype(args, device)
@@ -317,7 +317,7 @@ def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teac
         print(f"memory plan ({sharding}, {dtype}): {plan.describe()}", flush=True)
 
     torch.manual_seed(args.seed)
-    model = build_model(config, student_state, "--load", args.load).to(device).train()
+    model = build_model(config, weights.pop("student"), "--load", args.load).to(device).train()
     prune = methods.use("prune") if args.use_pruning else None
     if prune:  # every rank computes (or loads) the same masks; rank 0 writes them
         mask_path = args.pruning_mask or args.save_dir / prune.PRUNING_MASKS
@@ -334,7 +334,7 @@ def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teac
         methods.use("quant").BMQuant.quantize(model, grad=args.int8_grad)
     extra_params: list = []
     if args.use_kd:
-        teacher = build_model(teacher_cfg, teacher_state, "--load-teacher", args.load_teacher).to(device, dtype)
+        teacher = build_model(teacher_cfg, weights.pop("teacher"), "--load-teacher", args.load_teacher).to(device, dtype)
         distill = methods.use("distill")
         distiller = distill.BMDistill.set_forward(model, teacher, lm_forward, distill_config(args)).to(device)
         extra_params = list(distiller.project.parameters())
@@ -408,6 +408,7 @@ def run(args, config: GPTJConfig, int8: bool, student_state, teacher_state, teac
             break
     bar.close()
     if step == args.steps:
+        optimizer.state.clear()  # AdamW's moments go before the final copy is made
         model_state, _ = full_state(model, optimizer, sharding, world)
         if rank == 0:
             final = GPTJ(config)

@@ -45,7 +45,7 @@ class BaseModel(TrainingStage):
         if pipeline_settings().checkpoint_dir():
             student = self.model_bytes()
             flops, rank = self.evaluation_needs(1, self.eval_tokens)
-            return resources.Needs(student, 2 * student, "the imported checkpoint in fp32", flops, rank)
+            return resources.Needs(student, 1.25 * student, "the imported checkpoint in fp32", flops, rank)
         return self.training_needs()
 
     def build(self, build, inputs) -> None:

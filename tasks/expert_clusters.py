@@ -43,8 +43,14 @@ class ExpertClusters(Stage):
         return params
 
     def needs(self):
-        needs = super().needs()
+        from pipeline.resources import Needs
+
         config = pipeline_settings().architecture()
+        # per layer: the labels (int64) and the fc_in centroids, once published and once as progress
+        disk = 2 * config.n_layer * (config.n_inner * 8 + self.num_expert * config.n_embd * 4)
+        rows = config.n_layer * config.n_inner * config.n_embd * 4  # every layer's fc_in rows in fp32
+        features = config.n_layer * config.n_inner * self.sample_tokens * 4 if self.method == "coactivation" else 0
+        needs = Needs(disk, 2 * rows + features, "every layer's fc_in rows in fp32 twice, and the features")
         # k-means: every neuron's row against every centroid per iteration; co-activation: the
         # sample tokens through each fc_in
         iterations = 0 if self.method == "random" else self.iterations

@@ -35,7 +35,7 @@ def plan_rows(stages, store) -> list[dict]:
         entry = stage_status(spec, store)
         if entry["state"] != "up-to-date":
             rows.append({"stage": f"{task.stage_name} {instance_label(spec, specs)}".strip(), "state": entry["state"],
-                         "needs": task.needs()})
+                         "needs": task.estimate()})
     return rows
 
 

@@ -8,7 +8,7 @@ from tasks.base_model import BaseModel
 from tasks.expert_clusters import ExpertClusters
 from tasks.relu_model import ReluModel
 from tasks.params import Choice
-from tasks.stage import Stage
+from tasks.stage import Stage, pipeline_settings
 
 
 class PruningMasks(Stage):
@@ -24,6 +24,13 @@ class PruningMasks(Stage):
         if self.moefication:
             return {"ReluModel": ReluModel(), "ExpertClusters": ExpertClusters()}
         return {"BaseModel": BaseModel()}
+
+    def needs(self):
+        from pipeline.resources import Needs
+
+        config = pipeline_settings().architecture()
+        masks = config.n_layer * (4 * config.n_embd ** 2 + 2 * config.n_embd * config.n_inner)  # a byte per weight
+        return Needs(masks, self.model_bytes() + 2 * masks, "the model's weights in fp32 and the masks")
 
     def effective_params(self) -> dict:
         return {"prune_func": self.prune_func, "moefication": self.moefication}

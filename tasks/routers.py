@@ -34,12 +34,16 @@ class Routers(Stage):
         from pipeline.resources import Needs
 
         config, tokens = pipeline_settings().architecture(), self.upstream()["HiddenStates"].token_budget
-        layer, model = tokens * config.n_embd * 4, self.model_bytes()
         experts = self.upstream()["ExpertClusters"].num_expert
+        layer, rows = tokens * config.n_embd * 4, config.n_layer * config.n_inner * config.n_embd * 4
+        # per layer, W_a, W_b and the bias (published and as progress) and the clusters' copy
+        disk = 2 * config.n_layer * (config.n_embd * experts + experts * experts + experts) * 4 \
+            + config.n_layer * (config.n_inner * 8 + experts * config.n_embd * 4)
         # per layer: the experts' true activation once (fc_in), the router's two products forward and back
         flops = config.n_layer * tokens * (2 * config.n_embd * config.n_inner
                                            + self.epochs * 6 * (config.n_embd * experts + experts * experts))
-        return Needs(model / 8, 2 * model + 2 * layer, "the model, and one layer's hidden states in fp32 twice", flops)
+        return Needs(disk, 2 * rows + 2 * layer, "every layer's fc_in rows, and one layer's hidden states in fp32 twice",
+                     flops)
 
     def build(self, build, inputs) -> None:
         from safetensors.torch import load_file

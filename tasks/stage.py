@@ -220,6 +220,13 @@ class Stage(luigi.Task):
         model = self.model_bytes()
         return resources.Needs(model / 2, 2 * model, "its input model in fp32, twice")
 
+    def estimate(self) -> resources.Needs:
+        """``needs``, with the stage's own process (and each local rank's) counted."""
+        needs = self.needs()
+        ranks = pipeline_settings().nproc_per_node if needs.rank_memory else 0
+        needs.memory += (1 + ranks) * resources.PROCESS_BYTES
+        return needs
+
     def model_bytes(self) -> float:
         """The fp32 bytes of the model this run compresses."""
         return 4.0 * pipeline_settings().architecture().num_params()
@@ -252,7 +259,7 @@ class Stage(luigi.Task):
             return
         inputs = self.open_inputs(store)
         self.check_inputs(inputs)
-        needs = self.needs()
+        needs = self.estimate()
         resources.check(self.stage_name, needs, store.root)
         try:
             with store.publishing(self.spec()) as build:
