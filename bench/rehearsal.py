@@ -154,7 +154,7 @@ def main() -> None:
     with CmdlineParser.global_instance(["Report"]):
         stages = [(t.stage_name, t.to_str_params(only_significant=True)) for t in graph([tasks.Report()])]
     GB = 1024**3
-    print(f"{"stage":<52} {'wall':>7} {'peak RSS':>9} {'planned':>9} {'ratio':>6} {'disk':>9} {'planned':>9} {'ratio':>6}")
+    print(f"{'stage':<52} {'wall':>7} {'peak RSS':>9} {'planned':>9} {'ratio':>6} {'disk':>9} {'planned':>9} {'ratio':>6}")
     for i, (name, params) in enumerate(stages):
         flags = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", v)]
         measured = run_stage([sys.executable, "-m", "luigi", "--module", "tasks", name, *flags], env, store / name,
