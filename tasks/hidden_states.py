@@ -3,7 +3,7 @@ in one HDF5 file joined from per-rank shards (torchrun)."""
 from __future__ import annotations
 
 
-from tasks.corpus import Corpus
+from tasks.corpus import Corpus, split_tokens
 from tasks.relu_model import ReluModel
 from tasks.params import Count, Number, SeqLen
 from tasks.stage import Stage, pipeline_settings, run_logged
@@ -28,10 +28,10 @@ class HiddenStates(Stage):
                 "world_size": settings.world_size()}
 
     def check_inputs(self, inputs) -> None:
-        from pipeline.moefication.hidden import plan_windows
+        from pipeline.data import budget_split
 
-        if "Corpus" in inputs:
-            plan_windows(inputs["Corpus"].path, self.seq_len, self.token_budget, self.heldout_fraction)
+        if "Corpus" in inputs:  # the corpus holds the budget?
+            budget_split(self.token_budget, self.heldout_fraction, split_tokens(inputs["Corpus"]))
 
     def needs(self):
         from pipeline.resources import Needs

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import cli, distributed
-from pipeline.data import load_tokens
+from pipeline.data import budget_split, load_tokens
 from pipeline.evaluate import windows
 from pipeline.models import from_pretrained
 from pipeline.models.config import checkpoint_config
@@ -41,12 +41,8 @@ def layer_name(i: int) -> str:
 
 def plan_windows(corpus: Path, seq_len: int, token_budget: int, heldout_fraction: float):
     """(windows (n, seq_len) int64, heldout flag per window): training windows then held-out ones."""
-    n_heldout = int(round(token_budget * heldout_fraction))
     train, valid = load_tokens(corpus / "train.npy"), load_tokens(corpus / "valid.npy")
-    for name, split, need in (("train", train, token_budget - n_heldout), ("valid", valid, n_heldout)):
-        if need > len(split) - 1:
-            raise ValueError(f"token budget: {need} tokens asked of the {name} split, which holds {len(split)}; "
-                             f"lower token_budget or heldout_fraction")
+    n_heldout = budget_split(token_budget, heldout_fraction, {"train": len(train), "valid": len(valid)})["valid"]
     parts = [windows(train, seq_len, token_budget - n_heldout)[:, :-1]]
     flags = [np.zeros(len(parts[0]), dtype=bool)]
     if n_heldout:
