@@ -55,10 +55,7 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, max
             h.remove()
         model.train(was_training)
     if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(sums)
-        dist.all_reduce(zeros)
+        sums, zeros = _all_reduce(sums), _all_reduce(zeros)
     count = data[:, 1:].numel()
     mean = float(sums.sum()) / count
     result = {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
@@ -67,13 +64,25 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, max
     return result
 
 
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, on the device the process group's backend reduces on (NCCL: the GPU)."""
+    import torch.distributed as dist
+
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    reduced = tensor.to(on)
+    dist.all_reduce(reduced)
+    return reduced.to(tensor.device)
+
+
 # Evaluation jobs: what a stage asks to be evaluated, run in its own process (one rank) or by the
 # ranks of a torchrun job. A job names its loader as "module:function" (a function the stage's
 # own code imports, so that its version covers it) with keyword arguments.
 
-def job(name: str, loader, ffn_sparsity: bool = False, **kwargs) -> dict:
+def job(name: str, loader, ffn_sparsity: bool = False, cpu: bool = False, **kwargs) -> dict:
+    """An evaluation of the model ``loader(**kwargs)`` returns; ``cpu`` for a model whose kernels
+    run on the CPU only (fbgemm's int8 GEMMs), wherever the ranks run."""
     return {"name": name, "loader": f"{loader.__module__}:{loader.__name__}", "kwargs": kwargs,
-            "ffn_sparsity": ffn_sparsity}
+            "ffn_sparsity": ffn_sparsity, "cpu": cpu}
 
 
 def load_job_model(spec: dict):
@@ -88,11 +97,14 @@ def run_jobs(jobs: list[dict], tokens: np.ndarray, seq_len: int, max_tokens: int
     """{job name: perplexity result}, one model loaded at a time."""
     results = {}
     for spec in jobs:
-        model = load_job_model(spec).to(device)
-        results[spec["name"]] = perplexity(model, tokens, seq_len, max_tokens=max_tokens, device=device,
+        on = "cpu" if spec.get("cpu") else device
+        model = load_job_model(spec).to(on)
+        results[spec["name"]] = perplexity(model, tokens, seq_len, max_tokens=max_tokens, device=on,
                                            desc=spec["name"], ffn_sparsity=spec["ffn_sparsity"], rank=rank,
                                            world=world)
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # a stage's process gives the GPU back to the training that follows
     return results
 
 

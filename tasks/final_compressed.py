@@ -124,7 +124,7 @@ class FinalCompressed(DistillingStage):
                 sizes = compressed.export_compressed(model, out, build.path if self.moe else None, topk, calibrate=True)
                 shutil.copyfile(build.path / "tokenizer.json", out / "tokenizer.json")
                 # as deployed (fbgemm, the measured dense/sparse crossover), and in QAT's arithmetic
-                jobs = [job(f"compressed, exact={e}", compressed.load_compressed, path=str(out), exact=e)
+                jobs = [job(f"compressed, exact={e}", compressed.load_compressed, cpu=True, path=str(out), exact=e)
                         for e in (False, True)]
                 results = evaluate(build, jobs, valid, self.seq_len, self.eval_tokens, tag="evaluate-compressed")
                 deployed, exact = (r["perplexity"] for r in results.values())

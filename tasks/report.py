@@ -84,7 +84,7 @@ class Report(Stage):
                     share = artifact.metrics["moe_dense_above"]
                     moe = (f"; MoE FFNs on the sparse path below {share:.0%} of the experts per call and masked dense "
                            f"from there (the crossover measured at export{', so always dense here' if share * num_expert <= topk else ''})")
-                return (name, job(name, load_compressed, path=str(artifact.path / COMPRESSED_DIR)),
+                return (name, job(name, load_compressed, cpu=True, path=str(artifact.path / COMPRESSED_DIR)),
                         artifact.metrics["compressed_bytes"],
                         f"FinalCompressed {artifact.version}: {artifact.metrics['variant']}, int8 model as deployed "
                         f"(`compressed/`, fbgemm int8 GEMMs{moe})")
@@ -108,7 +108,7 @@ class Report(Stage):
              f"the ReLU model with Routers {routers.version}, top-{topk} of {num_expert}, sparse MoE path, fp32"),
             *[final_row(name, inputs[name]) for name in VARIANTS],
             final_row(f"final: {inputs['final'].metrics['variant']}", inputs["final"]),
-            (ptq_name, job(ptq_name, load_compressed, path=str(ptq_dir)), ptq["bytes"],
+            (ptq_name, job(ptq_name, load_compressed, cpu=True, path=str(ptq_dir)), ptq["bytes"],
              "the teacher's weights rounded to int8 per row, no training: the baseline QAT must beat"),
         ]
         with build.timed("evaluate"):  # on the [pipeline] ranks, one model at a time
