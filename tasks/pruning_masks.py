@@ -30,7 +30,8 @@ class PruningMasks(Stage):
 
         config = pipeline_settings().architecture()
         masks = config.n_layer * (4 * config.n_embd ** 2 + 2 * config.n_embd * config.n_inner)  # a byte per weight
-        return Needs(masks, self.model_bytes() + 2 * masks, "the model's weights in fp32 and the masks")
+        header = 16384 + config.n_layer * 6 * 256  # safetensors' header: a name, shape and offsets per matrix
+        return Needs(masks + header, self.model_bytes() + 2 * masks, "the model's weights in fp32 and the masks")
 
     def effective_params(self) -> dict:
         return {"prune_func": self.prune_func, "moefication": self.moefication}

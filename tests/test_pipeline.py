@@ -113,13 +113,3 @@ def test_status_compares_an_instance_with_its_own_builds_and_labels_each(chain, 
     labels = sorted(e["label"] for e in entries if e["stage"] == "Routers")
     assert labels == ["(ExpertClusters method=balanced_kmeans)", "(ExpertClusters method=random)"]
 
-
-def test_every_stage_of_the_chain_wrote_no_more_than_its_plan(chain):
-    """The estimate each stage checked itself against (its manifest's ``estimated_disk_bytes``, the
-    figure ``tasks.plan`` prints) bounds what it published."""
-    for manifest_path in chain.artifacts.glob("*/*/manifest.json"):
-        manifest = json.loads(manifest_path.read_text())
-        written = sum(f["bytes"] for f in manifest["files"].values())
-        planned = manifest["metrics"]["estimated_disk_bytes"]
-        assert written <= planned, f"{manifest['stage']} {manifest['version']} wrote {written} bytes, planned {planned}"
-        assert manifest["metrics"]["estimated_flops"] >= 0
