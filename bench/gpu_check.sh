@@ -7,11 +7,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 {
     nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
     python3 -c "import torch, kernels; print('torch', torch.__version__, '| int8 backend on cuda:', kernels.int8_backend('cuda'), '| cpm_kernels:', kernels.cpm_kernels_status())"

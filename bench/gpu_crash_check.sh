@@ -9,11 +9,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/gpu_crash_check}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 work=/tmp/gpu_crash_work
 model=${MODEL:-gpt-j-tiny} vocab=${VOCAB:-4096} steps=${STEPS:-400} interval=${INTERVAL:-100}  # smaller for a CPU try
 rm -rf "$work" && mkdir -p "$work/data"

@@ -9,11 +9,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/gpu_scale_check}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 {
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     timeout 300 python3 bench/rehearsal.py --work /tmp/rehearsal --nproc 1

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from pipeline import distributed
+    from pipeline.data import load_tokens
 
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description="evaluate jobs on every rank")
     p.add_argument("--jobs", required=True, type=Path, help="{tokens, seq_len, max_tokens, jobs: [...]}")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     plan = json.loads(args.jobs.read_text())
     rank, world, device = distributed.setup()
-    results = run_jobs(plan["jobs"], np.load(plan["tokens"], mmap_mode="r", allow_pickle=False), plan["seq_len"],
+    results = run_jobs(plan["jobs"], load_tokens(Path(plan["tokens"])), plan["seq_len"],
                        plan["max_tokens"], rank, world, device)
     if rank == 0:
         tmp = args.out.with_suffix(".tmp")

@@ -18,11 +18,12 @@ def evaluate(build, jobs: list[dict], tokens: Path, seq_len: int, max_tokens: in
 
     settings = pipeline_settings()
     if settings.world_size() == 1:
-        import numpy as np
         import torch
 
+        from pipeline.data import load_tokens
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return run_jobs(jobs, np.load(tokens, mmap_mode="r", allow_pickle=False), seq_len, max_tokens, device=device)
+        return run_jobs(jobs, load_tokens(tokens), seq_len, max_tokens, device=device)
     work = build.resume_dir / "evaluation"
     work.mkdir(parents=True, exist_ok=True)
     plan, out = work / f"{tag}-jobs.json", work / f"{tag}-results.json"

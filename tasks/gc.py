@@ -56,11 +56,12 @@ def slots(published: dict[str, Artifact]) -> dict[str, tuple]:
     return found
 
 
-def keep_set(published: dict[str, Artifact], current: set[str], only_current: bool) -> dict[str, str]:
+def keep_set(published: dict[str, Artifact], newest: dict[str, str], current: set[str],
+             only_current: bool) -> dict[str, str]:
     """{version kept: why}; a kept version keeps the versions it was built from."""
     keep = {v: "in the current graph" for v in current if v in published}
     if not only_current:
-        for version in sorted(set(_newest_by_slot(published).values())):
+        for version in sorted(set(newest.values())):
             keep.setdefault(version, "the newest of its stage instance")
     todo = list(keep)
     while todo:
@@ -71,11 +72,11 @@ def keep_set(published: dict[str, Artifact], current: set[str], only_current: bo
     return keep
 
 
-def removals(store: Store, current: set[str], only_current: bool) -> tuple[list[Removal], dict[str, str]]:
+def removals(store: Store, published: dict[str, Artifact], current: set[str],
+             only_current: bool) -> tuple[list[Removal], dict[str, str]]:
     """What gc removes, grouped by version, each with its reason; and what it keeps."""
-    published = {a.version: a for stage in store.stages() for a in store.versions(stage)}
-    keep = keep_set(published, current, only_current)
     newer = _newest_by_slot(published)
+    keep = keep_set(published, newer, current, only_current)
     out: dict[tuple[str, str], Removal] = {}
     for stage in store.stages():
         for child in sorted(store.stage_dir(stage).iterdir()):
@@ -107,11 +108,12 @@ def _newest_by_slot(published: dict[str, Artifact]) -> dict[str, str]:
     return {v: newest[slot_of[v]] for v in published}
 
 
-def emptied(store: Store, doomed: list[Removal]) -> list[str]:
+def emptied(published: dict[str, Artifact], doomed: list[Removal]) -> list[str]:
     """The stages that would be left without any published version."""
-    gone = {(r.stage, r.version) for r in doomed}
-    return [stage for stage in store.stages()
-            if (versions := store.versions(stage)) and all((stage, a.version) in gone for a in versions)]
+    gone = {r.version for r in doomed}
+    stages = {a.manifest["stage"] for a in published.values()}
+    left = {a.manifest["stage"] for v, a in published.items() if v not in gone}
+    return sorted(stages - left)
 
 
 def size_of(path: Path) -> int:
@@ -152,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-last", action="store_true", help="allow removing a stage's last published version")
     args, specs = parse_graph_command(p, argv)
     store = open_store()
-    doomed, keep = removals(store, {s.version for s in specs}, args.only_current)
-    if (empty := emptied(store, doomed)) and not args.allow_last:
+    published = {a.version: a for stage in store.stages() for a in store.versions(stage)}
+    doomed, keep = removals(store, published, {s.version for s in specs}, args.only_current)
+    if (empty := emptied(published, doomed)) and not args.allow_last:
         raise cli.UsageError(f"this would remove the last published version of {', '.join(empty)}; nothing was "
                              f"removed (pass --allow-last to remove them anyway)")
     results = [remove(store, r, args.dry_run) for r in doomed]

@@ -41,7 +41,7 @@ def plan_rows(stages, store) -> list[dict]:
 
 def problems(rows, store, rank_limit: float) -> list[str]:
     """Why a stage would not fit: host memory, memory per rank, or the disk of the stages up to it."""
-    found, disk = [], 0.0
+    found, disk, overflowed = [], 0.0, False
     host, free = available_memory(), free_disk(store.root)
     for row in rows:
         needs, name = row["needs"], row["stage"]
@@ -51,7 +51,8 @@ def problems(rows, store, rank_limit: float) -> list[str]:
         if needs.rank_memory > rank_limit:
             found.append(f"{name} needs {human(needs.rank_memory)} per rank; a rank has {human(rank_limit)} "
                          f"(use more ranks, or budgets that hold less)")
-        if disk > free and not any("write" in f for f in found):  # the first stage that overflows
+        if disk > free and not overflowed:  # named once: the first stage that overflows
+            overflowed = True
             found.append(f"{name}: the stages up to it write {human(disk)} into {store.root}, and {human(free)} is free")
     return found
 

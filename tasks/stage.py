@@ -168,7 +168,7 @@ class Stage(luigi.Task):
         for name, task in ups.items():
             with contextlib.suppress(CorruptArtifact):
                 if (artifact := store.get(task.stage_name, task.version)) is not None:
-                    store.verify(artifact)
+                    _verify_once(store, artifact)
                     found[name] = artifact
         return found
 
@@ -195,7 +195,7 @@ class Stage(luigi.Task):
         try:
             artifact = store.get(self.stage_name, self.version)
             if artifact is not None:
-                store.verify(artifact)
+                _verify_once(store, artifact)
             return artifact is not None or missing_ok
         except CorruptArtifact as problem:
             moved = store.quarantine(self.stage_name, self.version)
@@ -289,6 +289,19 @@ class Stage(luigi.Task):
                 os.environ[DECLARED_ENV] = before
             logger.removeHandler(handler)
             handler.close()
+
+
+_VERIFIED: set[str] = set()
+
+
+def _verify_once(store: Store, artifact: Artifact) -> None:
+    """Verify a published version once per process: every stage's completeness check covers the
+    graph behind it, so without this a run would verify the same upstream once per downstream
+    stage. A stage still verifies its inputs itself (``open_inputs``) when it starts building."""
+    key = str(artifact.path)
+    if key not in _VERIFIED:
+        store.verify(artifact)
+        _VERIFIED.add(key)
 
 
 def _report(task, exception) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import sys
@@ -49,6 +50,7 @@ def parse_graph_command(parser: argparse.ArgumentParser, argv) -> tuple[argparse
         raise SystemExit(2) from None
 
 
+@functools.lru_cache(maxsize=None)
 def stage_classes() -> dict:
     """{stage name: its Stage class}."""
     import tasks
