@@ -49,7 +49,7 @@ def main() -> None:
         result_one = run_jobs(jobs, tokens, args.seq_len, 0)
         one.append(time.perf_counter() - start)
         start = time.perf_counter()
-        cmd = launch.torchrun_command(["--jobs", str(plan), "--out", str(work / "out.json")], 2, module="pipeline.evaluate")
+        cmd = launch.torchrun_command(["--job", str(plan), "--out", str(work / "out.json")], 2, module="pipeline.evaluate")
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         two.append(time.perf_counter() - start)
     result_two = json.loads((work / "out.json").read_text())

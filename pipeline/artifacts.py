@@ -457,6 +457,8 @@ class Store:
             "timings": build.timings,
             "files": files,
             "libraries": library_versions(),
+            # what the build's progress held beside the payload when it was published (then removed)
+            "resume_bytes_at_publish": sum(p.stat().st_size for p in build.resume_dir.rglob("*") if p.is_file()),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
             **build.extra,
         }

@@ -124,6 +124,21 @@ def _texts(files: list[Path], max_bytes: int):
             return
 
 
+def tokens_per_byte(tokenizer, files: list[Path], sample_bytes: int = 1 << 20) -> float:
+    """The tokens per byte of text (end-of-text tokens included) that ``tokenizer`` makes on whole
+    files picked evenly from ``files`` until about ``sample_bytes`` are read; 1 without files."""
+    step, texts, read = max(1, len(files) // 64), [], 0
+    for p in files[::step]:
+        data = p.read_bytes()
+        texts.append(data.decode("utf-8", errors="replace"))  # what cannot be read is refused by the build
+        read += len(data)
+        if read >= sample_bytes:
+            break
+    if not read:
+        return 1.0
+    return sum(len(enc.ids) + 1 for enc in tokenizer.encode_batch(texts)) / read
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     for dt in (np.uint8, np.uint16, np.uint32):
         if vocab_size <= np.iinfo(dt).max + 1:
@@ -131,21 +146,30 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocabulary of {vocab_size} tokens does not fit in 32 bits")
 
 
-def tokenize_to_npy(tokenizer, files: list[Path], out: Path, max_bytes: int = 0, desc: str = "tokenize") -> int:
-    """Encode ``files`` (each followed by the end-of-text token) into one ``.npy`` token array.
+BATCH_FILES = 64  # files encoded together
+NPY_HEADER = 128  # bytes: a version 1.0 header for a 1-D array of up to 20-digit length
 
-    Streams through a raw temporary file, so memory stays bounded by one batch of files.
-    Returns the number of tokens written.
-    """
+
+def _npy_header(dtype: np.dtype, n: int) -> bytes:
+    """The .npy header of a 1-D array of ``n`` items, always NPY_HEADER bytes, so that the data can
+    be written before ``n`` is known (numpy's own header for such an array, padded the same way)."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': (%d,), }" % (dtype.str, n)
+    text = text.ljust(NPY_HEADER - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+
+def tokenize_to_npy(tokenizer, files: list[Path], out: Path, max_bytes: int = 0, desc: str = "tokenize") -> int:
+    """Encode ``files`` (each followed by the end-of-text token) into one ``.npy`` token array,
+    streamed into place (memory stays bounded by one batch of files; no second copy on disk).
+    Returns the number of tokens written."""
     eot = tokenizer.token_to_id(EOT)
     if eot is None:
         raise ValueError(f"the tokenizer has no {EOT} token")
     dtype = token_dtype(tokenizer.get_vocab_size())
-    raw = out.with_suffix(".raw")
     n = 0
-    with open(raw, "wb") as f:
+    with open(out, "wb") as f:
+        f.write(_npy_header(dtype, 0))
         batch: list[str] = []
-        total = 0
 
         def flush():
             nonlocal n
@@ -157,15 +181,11 @@ def tokenize_to_npy(tokenizer, files: list[Path], out: Path, max_bytes: int = 0,
 
         for text in tqdm(_texts(files, max_bytes), total=len(files), desc=desc, unit="file", leave=False):
             batch.append(text)
-            total += len(text)
-            if len(batch) == 64:
+            if len(batch) == BATCH_FILES:
                 flush()
         flush()
-    arr = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(n,))
-    arr[:] = np.fromfile(raw, dtype=dtype)
-    arr.flush()
-    del arr
-    raw.unlink()
+        f.seek(0)
+        f.write(_npy_header(dtype, n))
     return n
 
 

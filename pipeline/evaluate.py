@@ -109,7 +109,7 @@ def run_jobs(jobs: list[dict], tokens: np.ndarray, seq_len: int, max_tokens: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A torchrun rank: ``python -m pipeline.evaluate --jobs JOBS.json --out RESULTS.json``."""
+    """A torchrun rank: ``python -m pipeline.evaluate --job JOB.json --out RESULTS.json``."""
     import argparse
     import json
     from pathlib import Path
@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data import load_tokens
 
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description="evaluate jobs on every rank")
-    p.add_argument("--jobs", required=True, type=Path, help="{tokens, seq_len, max_tokens, jobs: [...]}")
+    p.add_argument("--job", required=True, type=Path, help="{tokens, seq_len, max_tokens, jobs: [...]}")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    plan = json.loads(args.jobs.read_text())
+    plan = json.loads(args.job.read_text())
     rank, world, device = distributed.setup()
     results = run_jobs(plan["jobs"], load_tokens(Path(plan["tokens"])), plan["seq_len"],
                        plan["max_tokens"], rank, world, device)

@@ -29,6 +29,7 @@ class Needs:
     what: str = ""  # how the figures were made, for the refusal message
     flops: float = 0.0  # floating-point operations of its model work (training, evaluation, dumps)
     rank_memory: float = 0.0  # bytes each torchrun rank holds at its peak (0: the stage runs no ranks)
+    process: float = 0.0  # bytes of the stage's own process before its work (0: PROCESS_BYTES)
 
     def as_metrics(self) -> dict:
         return {"estimated_disk_bytes": int(self.disk), "estimated_memory_bytes": int(self.memory),
@@ -36,6 +37,9 @@ class Needs:
 
 
 PROCESS_BYTES = 256 * 1024**2  # the interpreter and its libraries, in every process a stage starts
+# the interpreter with Luigi, numpy and tokenizers but no torch: the process of a stage that runs
+# before any other (the Corpus) and imports no torch
+PYTHON_BYTES = 96 * 1024**2
 
 
 def _limit(env: str) -> float | None:
@@ -91,12 +95,19 @@ def check(stage: str, needs: Needs, store_root: Path) -> None:
             f"available; stop other jobs or run it on a larger machine")
 
 
+def int8_export_bytes(fp32: float) -> float:
+    """The int8 export of a model of ``fp32`` bytes (``pipeline.quant.export_int8``): a byte per
+    weight of its linear layers and embedding, which hold nearly all of it (their fp16 row scales,
+    and the LayerNorms and biases in fp16, are a fraction of a percent)."""
+    return fp32 / 4
+
+
 def training_needs(student: float, local_ranks: int, teacher: float = 0.0, export_int8: bool = False) -> Needs:
     """A training stage, from the fp32 bytes of its student and teacher: on disk the model it
     publishes, the resume checkpoint (weights and AdamW's two moments) and the int8 export; in
     memory, every local rank loading both models' weights before sharding (the per-rank plan
     of ``pipeline.memory`` then runs inside the training, before any weight is loaded)."""
-    disk = student + 3 * student + (student / 4 if export_int8 else 0.0)
+    disk = student + 3 * student + (int8_export_bytes(student) if export_int8 else 0.0)
     memory = local_ranks * (student + teacher)
     return Needs(disk, memory, f"a {student / GB:.2f} GiB fp32 model, its resume state"
                                f"{', its int8 export' if export_int8 else ''}"

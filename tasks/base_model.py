@@ -6,7 +6,7 @@ import shutil
 
 from pipeline.artifacts import content_hash
 from tasks.corpus import Corpus
-from tasks.evaluation import evaluate
+from tasks.ranks import evaluate
 from tasks.stage import pipeline_settings
 
 IMPORT_ONLY = {"gpt-j"}  # presets too large to pretrain from scratch here: they need a checkpoint

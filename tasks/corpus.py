@@ -48,15 +48,22 @@ class Corpus(Stage):
         return params
 
     def needs(self):
-        from pipeline.resources import Needs
+        from pipeline.resources import PYTHON_BYTES, Needs
 
         root, files = data.discover(self.files)
-        chars = sum(p.stat().st_size for p in files)
-        if self.max_bytes:
-            chars = min(chars, 2 * self.max_bytes)
-        # at most a token per character, in the token dtype, plus the raw file streamed before the .npy
-        width = 4 if "tokenizer_sha256" in self.spec().params else data.token_dtype(self.spec().params["vocab_size"]).itemsize
-        return Needs(2 * chars * width, 4 * chars, f"{chars / 1e6:.1f} MB of text, a token per character at most")
+        sizes = sorted(p.stat().st_size for p in files)
+        chars = min(sum(sizes), 2 * self.max_bytes) if self.max_bytes else sum(sizes)
+        if "vocab_size" in self.spec().params:  # the tokenizer is trained on all the text
+            vocab, held = self.spec().params["vocab_size"], 4 * chars
+            tokenizer, per_byte, how = 80 * vocab, 1.0, "a token per byte at most"  # byte-level BPE
+        else:  # the checkpoint's tokenizer, measured on a sample, encodes a batch of files at a time
+            path = checkpoint_tokenizer(pipeline_settings().checkpoint_dir())
+            encoder = data.load_tokenizer(path)
+            vocab, held = encoder.get_vocab_size(), 4 * min(chars, sum(sizes[-data.BATCH_FILES:]))
+            tokenizer, per_byte = path.stat().st_size, min(1.0, 1.25 * data.tokens_per_byte(encoder, files))
+            how = f"{per_byte:.2f} tokens per byte (a sample's, and a quarter more)"
+        disk = (chars * per_byte + len(files)) * data.token_dtype(vocab).itemsize + 2 * data.NPY_HEADER + tokenizer
+        return Needs(disk, held, f"{chars / 1e6:.1f} MB of text, {how}", process=PYTHON_BYTES)
 
     def build(self, build, inputs) -> None:
         root, files = data.discover(self.files)

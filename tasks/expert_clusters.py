@@ -8,7 +8,7 @@ import luigi
 from tasks.hidden_states import HiddenStates
 from tasks.relu_model import ReluModel
 from tasks.params import Choice, Count
-from tasks.stage import Stage, pipeline_settings
+from tasks.stage import Stage, layer_work_needs, pipeline_settings
 
 
 class ExpertClusters(Stage):
@@ -43,14 +43,15 @@ class ExpertClusters(Stage):
         return params
 
     def needs(self):
-        from pipeline.resources import Needs
-
-        config = pipeline_settings().architecture()
-        # per layer: the labels (int64) and the fc_in centroids, once published and once as progress
-        disk = 2 * config.n_layer * (config.n_inner * 8 + self.num_expert * config.n_embd * 4)
-        rows = config.n_layer * config.n_inner * config.n_embd * 4  # every layer's fc_in rows in fp32
-        features = config.n_layer * config.n_inner * self.sample_tokens * 4 if self.method == "coactivation" else 0
-        needs = Needs(disk, 2 * rows + features, "every layer's fc_in rows in fp32 twice, and the features")
+        config, k = pipeline_settings().architecture(), self.num_expert
+        # per layer: the labels (int64) as progress and published, and the published fc_in centroids
+        disk = config.n_layer * (2 * config.n_inner * 8 + k * config.n_embd * 4)
+        rows = config.n_inner * config.n_embd * 4  # one layer's fc_in rows in fp32
+        per_layer = 2 * rows + 2 * config.n_inner * k * 4  # the rows normalised, the scores and their copy
+        if self.method == "coactivation":  # the sample tokens' rows, their products and the features
+            per_layer += 3 * config.n_inner * self.sample_tokens * 4 + self.sample_tokens * config.n_embd * 6
+        needs = layer_work_needs(config.n_layer, per_layer, 2 * rows, disk,
+                                 "per layer at work: its fc_in rows twice, the scores and the features")
         # k-means: every neuron's row against every centroid per iteration; co-activation: the
         # sample tokens through each fc_in
         iterations = 0 if self.method == "random" else self.iterations
@@ -59,19 +60,18 @@ class ExpertClusters(Stage):
         return needs
 
     def build(self, build, inputs) -> None:
-        from pipeline import methods
-        from pipeline.models import load_state_dict_from_dir
         from pipeline.moefication.files import CLUSTERS, HIDDEN
-        from pipeline.moefication.param_cluster import TEMPLATE, cluster_layers, fc_in_weights, save_clusters
+        from pipeline.moefication.param_cluster import cluster_layers, cluster_model_share, model_inputs, save_clusters
+        from tasks.ranks import layers_on_ranks, local_device
 
-        state = load_state_dict_from_dir(inputs["ReluModel"].path)
-        weights = fc_in_weights(state, TEMPLATE, pipeline_settings().architecture().n_layer)
-        features = None
-        if self.method == "coactivation":
-            hidden = inputs["HiddenStates"]
-            features = methods.use("coactivation").coactivation_features(hidden.file(HIDDEN), state, weights,
-                                                                         self.sample_tokens)
-        tensors, metrics = cluster_layers(weights, self.num_expert, self.method, self.seed, self.iterations, features,
-                                          resume=build.resume_dir)
+        model, n_layer = inputs["ReluModel"].path, pipeline_settings().architecture().n_layer
+        hidden = inputs["HiddenStates"].file(HIDDEN) if self.method == "coactivation" else None
+        args = {"num_expert": self.num_expert, "method": self.method, "seed": self.seed, "iterations": self.iterations}
+        layers_on_ranks(build, cluster_model_share, n_layer, "clustering", model=str(model), num_layer=n_layer,
+                        resume=str(build.resume_dir), hidden=hidden and str(hidden), sample_tokens=self.sample_tokens,
+                        **args)
+        device = local_device()  # with several ranks, every layer is done: what remains is assembling them
+        fc_in, features = model_inputs(model, n_layer, self.method, hidden, self.sample_tokens, device)
+        tensors, metrics = cluster_layers(fc_in, features=features, resume=build.resume_dir, device=device, **args)
         save_clusters(tensors, metrics, build.path / CLUSTERS)
         build.metrics.update(metrics)

@@ -16,7 +16,7 @@ import luigi
 
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus
-from tasks.evaluation import evaluate
+from tasks.ranks import evaluate
 from tasks.pruning_masks import PruningMasks
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers

@@ -3,7 +3,7 @@ several top-k, with the MLP routers, with groundtruth selection and on a random 
 from __future__ import annotations
 
 from tasks.corpus import Corpus, check_windows
-from tasks.evaluation import evaluate
+from tasks.ranks import evaluate
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
 from tasks.params import Count, SeqLen

@@ -7,7 +7,7 @@ import shutil
 
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus
-from tasks.evaluation import evaluate
+from tasks.ranks import evaluate
 from tasks.stage import pipeline_settings
 from tasks.training import DistillingStage, train_model_name, unused_distill_params
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus, check_windows
-from tasks.evaluation import evaluate
+from tasks.ranks import evaluate
 from tasks.final_compressed import FinalCompressed
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
@@ -47,11 +47,11 @@ class Report(Stage):
             check_windows(inputs["Corpus"], self.seq_len, ("valid",))
 
     def needs(self):
-        from pipeline.resources import Needs
+        from pipeline.resources import Needs, int8_export_bytes
 
         model = self.model_bytes()
         flops, rank = self.evaluation_needs(len(VARIANTS) + 5, self.eval_tokens)
-        return Needs(model / 2 + 4 * 2**20, 2.5 * model,
+        return Needs(int8_export_bytes(model) + 4 * 2**20, 2.5 * model,
                      "an int8 copy of the teacher and four plots; the teacher and one variant held at a time",
                      flops, rank)
 

@@ -10,7 +10,7 @@ from tasks.expert_clusters import ExpertClusters
 from tasks.hidden_states import HiddenStates
 from tasks.relu_model import ReluModel
 from tasks.params import Count, Number
-from tasks.stage import Stage, pipeline_settings
+from tasks.stage import Stage, layer_work_needs, pipeline_settings
 
 
 class Routers(Stage):
@@ -31,38 +31,41 @@ class Routers(Stage):
                 "lr": self.lr, "seed": self.seed}
 
     def needs(self):
-        from pipeline.resources import Needs
-
         config, tokens = pipeline_settings().architecture(), self.upstream()["HiddenStates"].token_budget
-        experts = self.upstream()["ExpertClusters"].num_expert
-        layer, rows = tokens * config.n_embd * 4, config.n_layer * config.n_inner * config.n_embd * 4
-        # per layer, W_a, W_b and the bias (published and as progress) and the clusters' copy
-        disk = 2 * config.n_layer * (config.n_embd * experts + experts * experts + experts) * 4 \
-            + config.n_layer * (config.n_inner * 8 + experts * config.n_embd * 4)
+        k, d, ff = self.upstream()["ExpertClusters"].num_expert, pipeline_settings().architecture().n_embd, \
+            pipeline_settings().architecture().n_inner
+        router = (d * k + k * k) * 4
+        clusters = config.n_layer * (ff * 8 + k * d * 4)
+        # per layer: the routers as progress and published, and the clusters' copy beside them
+        disk = 2 * config.n_layer * router + clusters
+        # per layer at work: fc_in in fp32, the router with its gradient and Adam's moments, a
+        # batch's rows and activations; beside them every layer's clusters and trained router
+        per_layer = ff * d * 4 + 4 * router + self.batch_size * (d + 3 * ff) * 4
+        needs = layer_work_needs(config.n_layer, per_layer, clusters + config.n_layer * router, disk,
+                                 "per layer at work: its fc_in, its router with Adam's state, a batch")
         # per layer: the experts' true activation once (fc_in), the router's two products forward and back
-        flops = config.n_layer * tokens * (2 * config.n_embd * config.n_inner
-                                           + self.epochs * 6 * (config.n_embd * experts + experts * experts))
-        return Needs(disk, 2 * rows + 2 * layer, "every layer's fc_in rows, and one layer's hidden states in fp32 twice",
-                     flops)
+        needs.flops = config.n_layer * tokens * (2 * d * ff + self.epochs * 6 * (d * k + k * k))
+        return needs
 
     def build(self, build, inputs) -> None:
         from safetensors.torch import load_file
 
-        from pipeline.models import load_state_dict_from_dir
         from pipeline.moefication.files import CLUSTERS, HIDDEN, ROUTERS
-        from pipeline.moefication.mlp_select import check_clusters, save_routers, train_routers
-        from pipeline.moefication.param_cluster import TEMPLATE, fc_in_biases, fc_in_weights
+        from pipeline.moefication.mlp_select import check_clusters, save_routers, train_model_share, train_routers
+        from pipeline.moefication.param_cluster import TEMPLATE, FcIn
+        from tasks.ranks import layers_on_ranks, local_device
 
-        state = load_state_dict_from_dir(inputs["ReluModel"].path)
-        weights = fc_in_weights(state, TEMPLATE, pipeline_settings().architecture().n_layer)
-        clusters_file = inputs["ExpertClusters"].file(CLUSTERS)
+        config, model = pipeline_settings().architecture(), inputs["ReluModel"].path
+        clusters_file, hidden = inputs["ExpertClusters"].file(CLUSTERS), inputs["HiddenStates"].file(HIDDEN)
         clusters = load_file(str(clusters_file))
         num_expert = inputs["ExpertClusters"].metrics["num_expert"]
-        check_clusters(clusters, clusters_file, weights, num_expert)
-        tensors, metrics = train_routers(inputs["HiddenStates"].file(HIDDEN), weights,
-                                         fc_in_biases(state, TEMPLATE, weights), clusters, num_expert,
-                                         max(1, round(self.topk_fraction * num_expert)), self.epochs,
-                                         self.batch_size, self.lr, self.seed, resume=build.resume_dir)
+        check_clusters(clusters, clusters_file, config.n_layer, config.n_inner, config.n_embd, num_expert)
+        args = {"num_expert": num_expert, "topk": max(1, round(self.topk_fraction * num_expert)),
+                "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed}
+        layers_on_ranks(build, train_model_share, config.n_layer, "routers", model=str(model), num_layer=config.n_layer,
+                        hidden=str(hidden), clusters=str(clusters_file), resume=str(build.resume_dir), **args)
+        tensors, metrics = train_routers(hidden, FcIn.from_dir(model, TEMPLATE, config.n_layer), clusters,
+                                         resume=build.resume_dir, device=local_device(), **args)
         # with the clusters beside the routers, this directory is what BMMoE.moefy loads
         shutil.copyfile(clusters_file, build.path / CLUSTERS)
         save_routers(tensors, metrics, build.path / ROUTERS)

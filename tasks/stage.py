@@ -224,7 +224,7 @@ class Stage(luigi.Task):
         """``needs``, with the stage's own process (and each local rank's) counted."""
         needs = self.needs()
         ranks = pipeline_settings().nproc_per_node if needs.rank_memory else 0
-        needs.memory += (1 + ranks) * resources.PROCESS_BYTES
+        needs.memory += (needs.process or resources.PROCESS_BYTES) + ranks * resources.PROCESS_BYTES
         return needs
 
     def model_bytes(self) -> float:
@@ -292,6 +292,17 @@ class Stage(luigi.Task):
 
 
 _VERIFIED: set[str] = set()
+
+
+def layer_work_needs(layers: int, per_layer: float, assembled: float, disk: float, what: str) -> resources.Needs:
+    """A stage that works layer by layer (``tasks.ranks.layers_on_ranks``): on the CPU as many
+    layers at once as there are cores, spread over the local ranks (on GPUs fewer: one per rank),
+    beside what the stage's process assembles."""
+    settings = pipeline_settings()
+    local, world = settings.nproc_per_node, settings.world_size()
+    at_once = min(layers, max(os.cpu_count() or 1, local))
+    per_rank = per_layer * -(-at_once // local) if world > 1 else 0.0
+    return resources.Needs(disk, at_once * per_layer + assembled, what, rank_memory=per_rank)
 
 
 def _verify_once(store: Store, artifact: Artifact) -> None:

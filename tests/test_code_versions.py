@@ -29,7 +29,7 @@ RUNS = {
     "kernels/gemm.py": INT8,
     "kernels/int8.py": INT8,
     "kernels/sparsity.py": PRUNE,
-    "kernels/threads.py": PRUNE | CLUSTERING,
+    "kernels/threads.py": PRUNE | CLUSTERING | ROUTERS,
     "pipeline/__init__.py": set(),
     "pipeline/artifacts.py": EVERY,  # the store publishes every stage
     "pipeline/cli.py": TRAINING,  # the training command's errors
@@ -40,6 +40,7 @@ RUNS = {
     "pipeline/evaluate.py": {"BaseModel"},
     "pipeline/generate.py": set(),  # the generation command, no stage
     "pipeline/launch.py": TRAINING | {"HiddenStates"},
+    "pipeline/layerwise.py": CLUSTERING | ROUTERS,
     "pipeline/memory.py": TRAINING,
     "pipeline/methods.py": EVERY,
     "pipeline/models/__init__.py": {"BaseModel"},

@@ -29,7 +29,7 @@ def test_two_ranks_evaluate_exactly_what_one_rank_does(tmp_path):
         plan = tmp_path / "jobs.json"
         plan.write_text(json.dumps({"tokens": str(tmp_path / "valid.npy"), "seq_len": 32, "max_tokens": max_tokens,
                                     "jobs": [spec]}))
-        cmd = launch.torchrun_command(["--jobs", str(plan), "--out", str(tmp_path / "out.json")], world,
+        cmd = launch.torchrun_command(["--job", str(plan), "--out", str(tmp_path / "out.json")], world,
                                       module="pipeline.evaluate")
         commands.run(cmd, timeout=300)
         results[spec["name"]] = json.loads((tmp_path / "out.json").read_text())

@@ -38,7 +38,9 @@ def test_router_training_resumes_from_finished_layers(tmp_path, monkeypatch):
         for i in range(len(w)):
             f.create_dataset(layer_name(i), data=rng.standard_normal((256, 16)).astype(np.float16))
         f.create_dataset("heldout", data=np.arange(256) >= 224)
-    args = (hidden, w, b, clusters, 4, 2, 2, 64, 0.01, 0)
+    fc_in = param_cluster.FcIn.from_state({**{param_cluster.TEMPLATE.format(i): t for i, t in enumerate(w)},
+                                           **{f"transformer.h.{i}.mlp.fc_in.bias": t for i, t in enumerate(b)}})
+    args = (hidden, fc_in, clusters, 4, 2, 2, 64, 0.01, 0)
     whole, metrics = mlp_select.train_routers(*args)
     resume = tmp_path / "resume"
     mlp_select.train_routers(*args, resume=resume)

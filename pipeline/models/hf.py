@@ -76,6 +76,33 @@ def load_state_dict_from_dir(path):
     return sd
 
 
+def read_tensors(path, names=None) -> dict:
+    """The tensors ``names`` that a Hugging Face style model directory holds (absent names left
+    out; None: the names alone, each mapped to None), read one by one from its safetensors files
+    without loading the rest (a .bin checkpoint is loaded whole)."""
+    from safetensors import safe_open
+
+    path = checkpoint_dir(path)
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            break
+    else:
+        raise CheckpointError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+    files = _shard_files(path / name) if name.endswith(".index.json") else [path / name]
+    if any(f.suffix != ".safetensors" for f in files):
+        sd = _load_weights(path)[0]
+        return {n: (None if names is None else sd[n]) for n in (sd if names is None else names) if n in sd}
+    found = {}
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as f:
+                keys = f.keys() if names is None else set(names) & set(f.keys())
+                found.update({n: None if names is None else f.get_tensor(n) for n in keys})
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+    return found
+
+
 def from_pretrained(path, dtype=torch.float32):
     """Load a GPT-J model from a Hugging Face style directory (config.json + weights).
 

@@ -19,8 +19,9 @@ def balanced_assign(scores: torch.Tensor, size: int) -> torch.Tensor:
     unassigned row proposes to its best expert that still has room; an expert takes its best
     proposals up to its room; repeat. Ties go to the lower index (deterministic)."""
     n, k = scores.shape
-    labels = torch.full((n,), -1, dtype=torch.long)
-    room = torch.full((k,), size, dtype=torch.long)
+    on = scores.device
+    labels = torch.full((n,), -1, dtype=torch.long, device=on)
+    room = torch.full((k,), size, dtype=torch.long, device=on)
     scores = scores.clone()
     while (unassigned := (labels < 0).nonzero().squeeze(1)).numel():
         best, choice = scores[unassigned].max(dim=1)
@@ -28,8 +29,8 @@ def balanced_assign(scores: torch.Tensor, size: int) -> torch.Tensor:
         order = torch.argsort(-best, stable=True)
         order = order[torch.argsort(choice[order], stable=True)]
         chosen = choice[order]
-        first = torch.searchsorted(chosen, torch.arange(k))
-        rank = torch.arange(len(order)) - first[chosen]
+        first = torch.searchsorted(chosen, torch.arange(k, device=on))
+        rank = torch.arange(len(order), device=on) - first[chosen]
         accept = rank < room[chosen]
         labels[unassigned[order[accept]]] = chosen[accept]
         room -= torch.bincount(chosen[accept], minlength=k)
@@ -38,7 +39,7 @@ def balanced_assign(scores: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _centroids(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
     return F.normalize(sums, dim=1)
 
 
@@ -49,7 +50,7 @@ def _init_centroids(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tens
     chosen = [first]
     nearest = 2 - 2 * (x @ x[first])
     for _ in range(1, k):
-        probs = nearest.clamp_min(0)
+        probs = nearest.clamp_min(0).cpu()  # drawn on the CPU generator, wherever x is
         idx = int(torch.multinomial(probs / probs.sum(), 1, generator=gen)) if probs.sum() > 0 \
             else int(torch.randint(len(x), (1,), generator=gen))
         chosen.append(idx)
@@ -57,10 +58,11 @@ def _init_centroids(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tens
     return x[chosen].clone()
 
 
-def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30) -> np.ndarray:
+def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30,
+                    device: str | torch.device = "cpu") -> np.ndarray:
     """One expert label per row (numpy int array), every expert holding exactly
-    ``len(rows) / num_expert`` rows; deterministic for a seed."""
-    x = F.normalize(torch.as_tensor(np.asarray(rows), dtype=torch.float32), dim=1)
+    ``len(rows) / num_expert`` rows; deterministic for a seed (and a device)."""
+    x = F.normalize(torch.as_tensor(rows, dtype=torch.float32).to(device), dim=1)
     size = check_experts(len(x), num_expert)
     gen = torch.Generator().manual_seed(seed)
     centroids = _init_centroids(x, num_expert, gen)
@@ -71,14 +73,14 @@ def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30) 
             break
         labels = new
         centroids = _centroids(x, labels, num_expert)
-    return labels.numpy()
+    return labels.cpu().numpy()
 
 
-def coactivation_rows(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> np.ndarray:
+def coactivation_rows(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
     """(neurons, tokens): which of the sample tokens x (tokens, d_model) make each neuron fire.
     Clustering these rows puts neurons that fire together into one expert, so a few experts hold
     most of a token's activation (the paper's co-activation split, done with balanced k-means)."""
-    return (x.float() @ w1.float().T + b1.float() > 0).T.float().numpy()
+    return (x.float() @ w1.float().T + b1.float() > 0).T.float()
 
 
 def random_split(n_rows: int, num_expert: int, seed: int = 0) -> np.ndarray:

@@ -11,16 +11,25 @@ import torch
 
 from pipeline.moefication.clustering import coactivation_rows
 from pipeline.moefication.hidden import check_hidden_states, layer_name
-from pipeline.moefication.param_cluster import TEMPLATE, fc_in_biases
 
 
-def coactivation_features(hidden: Path, state: dict, weights: list[torch.Tensor], sample_tokens: int) -> list:
-    """Per layer, the (neurons, tokens) firing pattern over the first ``sample_tokens`` training
-    tokens of the dump at ``hidden`` (held-out tokens stay unseen)."""
-    biases = fc_in_biases(state, TEMPLATE, weights)
-    with h5py.File(hidden, "r") as f:
-        check_hidden_states(f, hidden, len(weights), weights[0].shape[1])
-        train = np.flatnonzero(~f["heldout"][:])[:sample_tokens]
-        return [coactivation_rows(torch.from_numpy(f[layer_name(i)][train[0]:train[-1] + 1][train - train[0]]
-                                                   .astype(np.float32)), w, b)
-                for i, (w, b) in enumerate(zip(weights, biases))]
+class CoactivationFeatures:
+    """``features[i]``: layer i's (neurons, tokens) firing pattern over the first ``sample_tokens``
+    training tokens of the dump at ``hidden`` (held-out tokens stay unseen), computed on
+    ``device`` when asked for, one layer at a time."""
+
+    def __init__(self, hidden: Path, fc_in, sample_tokens: int, device: str | torch.device = "cpu"):
+        self.hidden, self.fc_in, self.device = Path(hidden), fc_in, device
+        with h5py.File(hidden, "r") as f:
+            check_hidden_states(f, hidden, len(fc_in), fc_in.shape[1])
+            self.train = np.flatnonzero(~f["heldout"][:])[:sample_tokens]
+
+    def __len__(self) -> int:
+        return len(self.fc_in)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with h5py.File(self.hidden, "r") as f:
+            rows = f[layer_name(i)][self.train[0]:self.train[-1] + 1][self.train - self.train[0]]
+        w, b = self.fc_in.layer(i)
+        on = self.device
+        return coactivation_rows(torch.from_numpy(rows.astype(np.float32)).to(on), w.to(on), b.to(on))

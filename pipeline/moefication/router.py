@@ -37,7 +37,7 @@ def expert_activation(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, label
                       num_expert: int) -> torch.Tensor:
     """(tokens, num_expert): the positive activation mass each expert holds for each token."""
     act = torch.relu(x.float() @ w1.T + b1)
-    return torch.zeros(len(x), num_expert).index_add_(1, labels, act)
+    return torch.zeros(len(x), num_expert, device=act.device).index_add_(1, labels, act)
 
 
 def coverage(mass: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -48,27 +48,28 @@ def coverage(mass: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, got / total.clamp_min(1e-30), torch.ones_like(total))
 
 
-def batches(dataset, index: np.ndarray, batch_size: int):
+def batches(dataset, index: np.ndarray, batch_size: int, device: str | torch.device = "cpu"):
     """Rows of an HDF5 dataset at sorted ``index``, read in contiguous slices of ``batch_size``."""
     for start in range(0, len(index), batch_size):
         part = index[start:start + batch_size]
         block = dataset[part[0]:part[-1] + 1]
-        yield torch.from_numpy(block[part - part[0]].astype(np.float32))
+        yield torch.from_numpy(block[part - part[0]].astype(np.float32)).to(device)
 
 
 def train_router(dataset, heldout: np.ndarray, w1: torch.Tensor, b1: torch.Tensor, labels: torch.Tensor,
                  centroids: torch.Tensor, topk: int, epochs: int = 2, batch_size: int = 512, lr: float = 1e-2,
-                 seed: int = 0) -> tuple[Router, dict]:
+                 seed: int = 0, device: str | torch.device = "cpu") -> tuple[Router, dict]:
     """Train one layer's router on the non-held-out rows; measure coverage on the held-out ones."""
     torch.manual_seed(seed)
     num_expert = centroids.shape[0]
-    router = Router(w1.shape[1], num_expert, centroids)
+    router = Router(w1.shape[1], num_expert, centroids).to(device)
+    w1, b1, labels = w1.to(device), b1.to(device), labels.to(device)
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     train_idx, test_idx = np.flatnonzero(~heldout), np.flatnonzero(heldout)
     if len(test_idx) == 0 or len(train_idx) == 0:
         raise ValueError("router training needs both held-out and training tokens in the hidden states")
     for _ in range(epochs):
-        for x in batches(dataset, train_idx, batch_size):
+        for x in batches(dataset, train_idx, batch_size, device):
             mass = expert_activation(x, w1, b1, labels, num_expert)
             target = mass / mass.max().clamp_min(1e-30)
             loss = F.binary_cross_entropy_with_logits(router(x), target)
@@ -77,7 +78,7 @@ def train_router(dataset, heldout: np.ndarray, w1: torch.Tensor, b1: torch.Tenso
             opt.step()
     got, ideal = [], []
     with torch.no_grad():
-        for x in batches(dataset, test_idx, batch_size):
+        for x in batches(dataset, test_idx, batch_size, device):
             mass = expert_activation(x, w1, b1, labels, num_expert)
             got.append(coverage(mass, router(x).topk(topk, dim=1).indices))
             ideal.append(coverage(mass, mass.topk(topk, dim=1).indices))
