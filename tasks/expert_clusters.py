@@ -67,7 +67,7 @@ class ExpertClusters(Stage):
         model, n_layer = inputs["ReluModel"].path, pipeline_settings().architecture().n_layer
         hidden = inputs["HiddenStates"].file(HIDDEN) if self.method == "coactivation" else None
         args = {"num_expert": self.num_expert, "method": self.method, "seed": self.seed, "iterations": self.iterations}
-        layers_on_ranks(build, cluster_model_share, n_layer, "clustering", model=str(model), num_layer=n_layer,
+        layers_on_ranks(build, cluster_model_share, n_layer, "clustering", model=str(model),
                         resume=str(build.resume_dir), hidden=hidden and str(hidden), sample_tokens=self.sample_tokens,
                         **args)
         device = local_device()  # with several ranks, every layer is done: what remains is assembling them

@@ -44,13 +44,14 @@ def evaluate(build, jobs: list[dict], tokens: Path, seq_len: int, max_tokens: in
 
 
 def layers_on_ranks(build, function, num_layer: int, tag: str, **kwargs) -> bool:
-    """With several ranks, ``function(**kwargs, layers=..., device=...)`` on each, rank r taking
+    """With several ranks, ``function(num_layer=..., **kwargs, layers=..., device=...)`` on each, rank r taking
     layers r, r + world, ... (each kept in the per-layer progress the stage then assembles from);
     False, and nothing run, with one rank: the stage does every layer itself."""
     from pipeline import layerwise
 
     if pipeline_settings().world_size() == 1:
         return False
-    job = {"function": f"{function.__module__}:{function.__name__}", "num_layer": num_layer, "kwargs": kwargs}
+    job = {"function": f"{function.__module__}:{function.__name__}", "num_layer": num_layer,
+           "kwargs": {"num_layer": num_layer, **kwargs}}
     _on_ranks(build, layerwise.__name__, job, tag)
     return True

@@ -62,7 +62,7 @@ class Routers(Stage):
         check_clusters(clusters, clusters_file, config.n_layer, config.n_inner, config.n_embd, num_expert)
         args = {"num_expert": num_expert, "topk": max(1, round(self.topk_fraction * num_expert)),
                 "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed}
-        layers_on_ranks(build, train_model_share, config.n_layer, "routers", model=str(model), num_layer=config.n_layer,
+        layers_on_ranks(build, train_model_share, config.n_layer, "routers", model=str(model),
                         hidden=str(hidden), clusters=str(clusters_file), resume=str(build.resume_dir), **args)
         tensors, metrics = train_routers(hidden, FcIn.from_dir(model, TEMPLATE, config.n_layer), clusters,
                                          resume=build.resume_dir, device=local_device(), **args)
