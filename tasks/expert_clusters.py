@@ -46,17 +46,21 @@ class ExpertClusters(Stage):
         config, k = pipeline_settings().architecture(), self.num_expert
         # per layer: the labels (int64) as progress and published, and the published fc_in centroids
         disk = config.n_layer * (2 * config.n_inner * 8 + k * config.n_embd * 4)
-        rows = config.n_inner * config.n_embd * 4  # one layer's fc_in rows in fp32
-        per_layer = 2 * rows + 2 * config.n_inner * k * 4  # the rows normalised, the scores and their copy
-        if self.method == "coactivation":  # the sample tokens' rows, their products and the features
-            per_layer += 3 * config.n_inner * self.sample_tokens * 4 + self.sample_tokens * config.n_embd * 6
-        needs = layer_work_needs(config.n_layer, per_layer, 2 * rows, disk,
-                                 "per layer at work: its fc_in rows twice, the scores and the features")
-        # k-means: every neuron's row against every centroid per iteration; co-activation: the
-        # sample tokens through each fc_in
+        ff, d, sample = config.n_inner, config.n_embd, self.sample_tokens
+        rows = ff * d * 4  # one layer's fc_in rows in fp32
+        # per layer at work, the largest of: reading the rows (the file's pages, then the copy);
+        # the co-activation features being made (the rows, the sample's hidden states in fp16 and
+        # fp32, their products, the firing pattern and its transpose); k-means on the points (the
+        # points and their normalised copy, the scores and the swap gains twice)
+        dim = sample if self.method == "coactivation" else d
+        kmeans = 2 * ff * dim * 4 + 4 * ff * k * 4
+        features = rows + sample * (6 * d + 9 * ff) if self.method == "coactivation" else 0
+        needs = layer_work_needs(config.n_layer, max(2 * rows, features, kmeans), 0, 2 * rows, disk,
+                                 "per layer at work: its fc_in rows, the features, k-means' points and scores")
+        # k-means: every point against every centroid per iteration; co-activation: the sample
+        # tokens through each fc_in
         iterations = 0 if self.method == "random" else self.iterations
-        needs.flops = config.n_layer * 2.0 * config.n_inner * config.n_embd * (
-            iterations * self.num_expert + (self.sample_tokens if self.method == "coactivation" else 0))
+        needs.flops = config.n_layer * 2.0 * ff * (iterations * k * dim + (d * sample if features else 0))
         return needs
 
     def build(self, build, inputs) -> None:

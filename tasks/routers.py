@@ -38,10 +38,12 @@ class Routers(Stage):
         clusters = config.n_layer * (ff * 8 + k * d * 4)
         # per layer: the routers as progress and published, and the clusters' copy beside them
         disk = 2 * config.n_layer * router + clusters
-        # per layer at work: fc_in in fp32, the router with its gradient and Adam's moments, a
-        # batch's rows and activations; beside them every layer's clusters and trained router
-        per_layer = ff * d * 4 + 4 * router + self.batch_size * (d + 3 * ff) * 4
-        needs = layer_work_needs(config.n_layer, per_layer, clusters + config.n_layer * router, disk,
+        # per layer at work, the larger of: reading fc_in (the file's pages, then the copy); fc_in
+        # in fp32, the router with its gradient and Adam's moments, a batch's rows and activations.
+        # Beside them, every layer's clusters and trained router
+        rows = ff * d * 4
+        per_layer = max(2 * rows, rows + 4 * router + self.batch_size * (d + 3 * ff) * 4)
+        needs = layer_work_needs(config.n_layer, per_layer, clusters + config.n_layer * router, 0, disk,
                                  "per layer at work: its fc_in, its router with Adam's state, a batch")
         # per layer: the experts' true activation once (fc_in), the router's two products forward and back
         needs.flops = config.n_layer * tokens * (2 * d * ff + self.epochs * 6 * (d * k + k * k))

@@ -294,15 +294,16 @@ class Stage(luigi.Task):
 _VERIFIED: set[str] = set()
 
 
-def layer_work_needs(layers: int, per_layer: float, assembled: float, disk: float, what: str) -> resources.Needs:
+def layer_work_needs(layers: int, per_layer: float, held: float, assembling: float, disk: float,
+                     what: str) -> resources.Needs:
     """A stage that works layer by layer (``tasks.ranks.layers_on_ranks``): on the CPU as many
     layers at once as there are cores, spread over the local ranks (on GPUs fewer: one per rank),
-    beside what the stage's process assembles."""
+    then the stage's process assembling them (``assembling``), with ``held`` throughout."""
     settings = pipeline_settings()
     local, world = settings.nproc_per_node, settings.world_size()
     at_once = min(layers, max(os.cpu_count() or 1, local))
     per_rank = per_layer * -(-at_once // local) if world > 1 else 0.0
-    return resources.Needs(disk, at_once * per_layer + assembled, what, rank_memory=per_rank)
+    return resources.Needs(disk, held + max(at_once * per_layer, assembling), what, rank_memory=per_rank)
 
 
 def _verify_once(store: Store, artifact: Artifact) -> None:
