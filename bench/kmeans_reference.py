@@ -1,27 +1,38 @@
-"""Parameter clustering against the MoEfication reference, measured side by side in one run.
+"""Parameter clustering against the references, measured side by side in one run.
 
-* ours: pipeline.moefication.balanced_kmeans (balanced spherical k-means, torch);
-* reference, done the MoEfication way: sklearn KMeans on the L2-normalised rows, then one
-  equal-size assignment to its centres, greedy: neurons in descending order of their best cosine,
-  each to its most similar centre that still has room;
-* floor: random_split.
+* ours: ``pipeline.moefication.balanced_kmeans`` (balanced spherical k-means with pairwise swaps
+  after each assignment, torch), and the same without the swaps;
+* ``k-means-constrained`` (the library MoEfication's ``ParamSplit`` calls; a bench dependency:
+  ``pip install k-means-constrained``) on the L2-normalised rows, with its defaults (10 inits)
+  unless ``--kmc-init`` / ``--kmc-max-iter`` say otherwise;
+* same-size k-means with swaps (ELKI's algorithm, which BMCook's ``EqualGroupsKMeans`` ports),
+  written here in numpy: each row, most eager first, moves to a preferred centre by swapping with
+  a row queued to leave that centre for its own; the two means move with each swap;
+* floor: ``random_split``.
 
-Target: a GPT-J layer (16384 neurons x 4096 dims into 512 experts) in at most 60 s on 2 CPU cores,
-with a mean cosine-to-centroid at least the reference's. No real fc_in here, so the rows are a
-seeded mixture: one random direction per expert, unequal cluster sizes (Dirichlet), and per-row
-noise from light to heavy, so the equal-size constraint and the noise both bite.
+Rows: every layer's ``fc_in`` of a model directory (``--model``, e.g. the ReluModel artifact of
+gpt-j-tiny), or a seeded synthetic GPT-J-size layer (one random direction per expert, unequal
+cluster sizes, noise from light to heavy). Prints, per layer, the mean cosine of the rows to
+their expert centroid and the wall time of each method.
+
+    python bench/kmeans_reference.py --model artifacts/ReluModel/<version> --experts 32
+    python bench/kmeans_reference.py --rows 16384 --dim 4096 --experts 512 --kmc-init 1 --kmc-max-iter 10 --no-elki
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
+from sklearn.cluster import kmeans_plusplus
 from sklearn.preprocessing import normalize
 
-from pipeline.moefication import balanced_kmeans, cosine_to_centroid, random_split
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.moefication import balanced_kmeans, cosine_to_centroid, random_split  # noqa: E402
 
 
 def synthetic_rows(rows: int, dim: int, experts: int, seed: int) -> np.ndarray:
@@ -35,24 +46,59 @@ def synthetic_rows(rows: int, dim: int, experts: int, seed: int) -> np.ndarray:
     return x * rng.uniform(0.5, 2.0, (rows, 1)).astype(np.float32)
 
 
-def equal_size_assign(sims: np.ndarray, size: int) -> np.ndarray:
-    """Greedy: neurons by descending best similarity, each to its best centre with room."""
-    room = np.full(sims.shape[1], size)
-    labels = np.empty(len(sims), dtype=np.int64)
-    prefs = np.argsort(-sims, axis=1)
-    for i in np.argsort(-sims.max(axis=1), kind="stable"):
-        for c in prefs[i]:
+def same_size_kmeans(rows: np.ndarray, k: int, seed: int = 0, max_iter: int = 50) -> np.ndarray:
+    """ELKI's same-size k-means on the normalised rows (squared Euclidean distances to the means)."""
+    x = normalize(rows).astype(np.float64)
+    size = len(x) // k
+    means, _ = kmeans_plusplus(x, k, random_state=seed)
+
+    def distances() -> np.ndarray:
+        return (x * x).sum(1)[:, None] - 2 * x @ means.T + (means * means).sum(1)[None, :]
+
+    d = distances()
+    # initial assignment: rows whose best centre is most clearly best go first, to the nearest with room
+    labels, room = np.full(len(x), -1), np.full(k, size)
+    for i in np.argsort(d.min(1) - d.max(1), kind="stable"):
+        for c in np.argsort(d[i], kind="stable"):
             if room[c]:
-                room[c] -= 1
-                labels[i] = c
+                labels[i], room[c] = c, room[c] - 1
                 break
+    for _ in range(max_iter):
+        means = np.stack([x[labels == c].mean(0) for c in range(k)])
+        d = distances()
+        own = d[np.arange(len(x)), labels]  # the order of this pass; the gains read d as it moves
+        queued: list[list[int]] = [[] for _ in range(k)]  # rows waiting to leave each centre
+        swaps = 0
+        for i in np.argsort(d.min(1) - own, kind="stable"):  # most eager to move first
+            a, moved = labels[i], False
+            for b in np.argsort(d[i], kind="stable"):
+                if d[i, b] >= d[i, a]:
+                    break
+                # a row queued to leave b whose move to a, with i's to b, lowers the total distance
+                gains = [(d[j, b] - d[j, a]) + (d[i, a] - d[i, b]) for j in queued[b]]
+                if gains and max(gains) > 1e-12:
+                    j = queued[b].pop(int(np.argmax(gains)))
+                    labels[i], labels[j], moved = b, a, True
+                    swaps += 1
+                    # the two means move at once, as ELKI's do
+                    means[a] += (x[j] - x[i]) / size
+                    means[b] += (x[i] - x[j]) / size
+                    for c in (a, b):
+                        d[:, c] = (x * x).sum(1) - 2 * x @ means[c] + means[c] @ means[c]
+                    break
+            if not moved and d[i].min() < d[i, a]:
+                queued[a].append(i)
+        if swaps == 0:
+            break
     return labels
 
 
-def reference(rows: np.ndarray, experts: int, seed: int, max_iter: int) -> tuple[np.ndarray, int]:
-    x = normalize(rows)
-    km = KMeans(n_clusters=experts, n_init=1, random_state=seed, max_iter=max_iter).fit(x)
-    return equal_size_assign(x @ km.cluster_centers_.T, len(x) // experts), km.n_iter_
+def kmeans_constrained(rows: np.ndarray, k: int, seed: int, n_init: int, max_iter: int) -> np.ndarray:
+    from k_means_constrained import KMeansConstrained
+
+    size = len(rows) // k
+    return KMeansConstrained(n_clusters=k, size_min=size, size_max=size, random_state=seed, n_init=n_init,
+                             max_iter=max_iter).fit(normalize(rows)).labels_
 
 
 def timed(fn):
@@ -61,34 +107,52 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def layers(args) -> list[tuple[str, np.ndarray]]:
+    if args.model is None:
+        return [(f"synthetic {args.rows}x{args.dim}", synthetic_rows(args.rows, args.dim, args.experts, args.seed))]
+    from pipeline.models import checkpoint_config
+    from pipeline.moefication.param_cluster import FcIn
+
+    fc_in = FcIn.from_dir(args.model, num_layer=checkpoint_config(args.model).n_layer)
+    return [(f"layer {i}", fc_in[i].numpy()) for i in range(len(fc_in))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="a model directory: cluster every layer's fc_in rows")
     p.add_argument("--rows", type=int, default=16384)
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--experts", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-iter", type=int, default=300, help="sklearn KMeans max_iter (its default: 300)")
+    p.add_argument("--kmc-init", type=int, default=10, help="k-means-constrained's n_init (its default: 10)")
+    p.add_argument("--kmc-max-iter", type=int, default=300, help="k-means-constrained's max_iter (its default: 300)")
+    p.add_argument("--no-elki", action="store_true", help="leave out the same-size k-means reference (slow in Python)")
     args = p.parse_args()
-    rows = synthetic_rows(args.rows, args.dim, args.experts, args.seed)
-    size = args.rows // args.experts
-    print(f"{args.rows} rows x {args.dim} dims into {args.experts} experts of {size}; "
-          f"torch threads {torch.get_num_threads()}; one run each")
-    ours, t_ours = timed(lambda: balanced_kmeans(rows, args.experts, seed=args.seed))
-    (ref, n_iter), t_ref = timed(lambda: reference(rows, args.experts, args.seed, args.max_iter))
-    floor = random_split(args.rows, args.experts, seed=args.seed)
-    print(f"{'method':<40}{'wall s':>9}{'cosine':>9}{'equal':>7}")
-    results = [("ours: balanced_kmeans", t_ours, ours),
-               (f"reference: KMeans ({n_iter}/{args.max_iter} it) + equal", t_ref, ref),
-               ("floor: random_split", None, floor)]
-    cos = {}
-    for name, t, labels in results:
-        cos[name] = cosine_to_centroid(rows, labels)
-        equal = bool((np.bincount(labels, minlength=args.experts) == size).all())
-        print(f"{name:<40}{'' if t is None else f'{t:.2f}':>9}{cos[name]:>9.4f}{'yes' if equal else 'NO':>7}")
-    c_ours, c_ref = cos[results[0][0]], cos[results[1][0]]
-    print(f"ours/reference time {t_ours / t_ref:.2f}x, ours - reference cosine {c_ours - c_ref:+.4f}")
-    if n_iter >= args.max_iter:
-        print(f"note: sklearn KMeans stopped at max_iter={args.max_iter} before converging")
+    methods = {
+        "ours": lambda x: balanced_kmeans(x, args.experts, seed=args.seed),
+        "ours, no swaps": lambda x: balanced_kmeans(x, args.experts, seed=args.seed, swap_rounds=0),
+        "k-means-constrained": lambda x: kmeans_constrained(x, args.experts, args.seed, args.kmc_init,
+                                                            args.kmc_max_iter),
+        **({} if args.no_elki else {"same-size k-means": lambda x: same_size_kmeans(x, args.experts, args.seed)}),
+        "random split": lambda x: random_split(len(x), args.experts, seed=args.seed),
+    }
+    print(f"{args.experts} experts; torch threads {torch.get_num_threads()}; k-means-constrained n_init "
+          f"{args.kmc_init}, max_iter {args.kmc_max_iter}; mean cosine to centroid (wall s)")
+    print(f"{'rows':<24}" + "".join(f"{name:>24}" for name in methods))
+    worst = {name: np.inf for name in methods}
+    for label, rows in layers(args):
+        size = len(rows) // args.experts
+        line = f"{label:<24}"
+        cos = {}
+        for name, method in methods.items():
+            labels, seconds = timed(lambda: method(rows))
+            assert (np.bincount(labels, minlength=args.experts) == size).all(), f"{name}: unequal experts"
+            cos[name] = cosine_to_centroid(rows, labels)
+            line += f"{cos[name]:>16.4f} ({seconds:5.1f})"
+        for name in methods:
+            worst[name] = min(worst[name], cos["ours"] - cos[name])
+        print(line, flush=True)
+    print("ours minus each, on its worst layer: " + ", ".join(f"{n} {v:+.4f}" for n, v in worst.items() if n != "ours"))
 
 
 if __name__ == "__main__":

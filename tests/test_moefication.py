@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.moefication import balanced_kmeans, cosine_to_centroid, random_split
-from pipeline.moefication.clustering import balanced_assign, coactivation_rows
+from pipeline.moefication.clustering import balanced_assign, coactivation_rows, swap_pass
 
 
 def planted(n_groups=16, per_group=32, dim=64, noise=0.3, seed=0):
@@ -43,6 +43,34 @@ def test_balanced_assignment_prefers_best_scores_within_capacity():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.6], [0.1, 0.0]])
     # expert 0 has room for 2: rows 0 and 1 (the best) get it, rows 2 and 3 go to expert 1
     assert balanced_assign(scores, 2).tolist() == [0, 0, 1, 1]
+
+
+def test_swaps_keep_sizes_raise_the_similarity_and_stop_where_no_pair_gains():
+    k, size = 6, 5
+    scores = torch.rand(k * size, k, generator=torch.Generator().manual_seed(0))
+    labels = balanced_assign(scores, size)
+    total = float(scores.gather(1, labels[:, None]).sum())
+    start, rounds = total, 0
+    while swap_pass(scores, labels, k):
+        rounds += 1
+        assert torch.bincount(labels, minlength=k).tolist() == [size] * k
+        now = float(scores.gather(1, labels[:, None]).sum())
+        assert now > total
+        total = now
+    assert rounds >= 1 and total > start
+    own = scores.gather(1, labels[:, None]).squeeze(1)
+    for i in range(len(scores)):
+        for j in range(len(scores)):
+            a, b = int(labels[i]), int(labels[j])
+            if a != b:  # swapping any two rows of different experts gains nothing
+                assert scores[i, b] + scores[j, a] - own[i] - own[j] <= 1e-6
+
+
+def test_swap_refinement_clusters_at_least_as_tightly():
+    x = torch.randn(1024, 32, generator=torch.Generator().manual_seed(0)).numpy()
+    plain = cosine_to_centroid(x, balanced_kmeans(x, 16, seed=0, swap_rounds=0))
+    refined = cosine_to_centroid(x, balanced_kmeans(x, 16, seed=0))
+    assert refined > plain + 1e-3, (plain, refined)
 
 
 @pytest.mark.parametrize("k", [0, 7])

@@ -58,17 +58,48 @@ def _init_centroids(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tens
     return x[chosen].clone()
 
 
-def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30,
+def swap_pass(scores: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """One round of exchanges between experts, in place, for the similarities ``scores`` (rows x
+    experts) to fixed centroids: for every pair of experts (a, b), the row of a that gains most by
+    moving to b and the row of b that gains most by moving to a swap places when their gains sum
+    above zero (each row at most once per round; sizes stay equal). Returns the swaps made."""
+    size = len(scores) // k
+    gain = scores - scores.gather(1, labels[:, None])
+    order = torch.argsort(labels, stable=True)  # rows grouped by expert, ``size`` in each
+    best, where = gain[order].view(k, size, k).max(dim=1)  # (a, b): the best move a -> b, and its row
+    pair = best + best.T
+    a, b = torch.triu(pair > 1e-6, diagonal=1).nonzero(as_tuple=True)
+    rank = torch.argsort(pair[a, b], descending=True, stable=True)
+    a, b = a[rank], b[rank]
+    rows_ab, rows_ba = order[a * size + where[a, b]].tolist(), order[b * size + where[b, a]].tolist()
+    used, rows, to = set(), [], []
+    for i, j, ea, eb in zip(rows_ab, rows_ba, a.tolist(), b.tolist()):
+        if i not in used and j not in used:
+            used.update((i, j))
+            rows += [i, j]
+            to += [eb, ea]
+    if rows:
+        labels[torch.as_tensor(rows, device=labels.device)] = torch.as_tensor(to, device=labels.device)
+    return len(rows) // 2
+
+
+def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30, swap_rounds: int = 10,
                     device: str | torch.device = "cpu") -> np.ndarray:
     """One expert label per row (numpy int array), every expert holding exactly
-    ``len(rows) / num_expert`` rows; deterministic for a seed (and a device)."""
+    ``len(rows) / num_expert`` rows; deterministic for a seed (and a device). Each iteration's
+    balanced assignment is refined by up to ``swap_rounds`` rounds of pairwise exchanges
+    (``swap_pass``), as same-size k-means does, before the centroids move."""
     x = F.normalize(torch.as_tensor(rows, dtype=torch.float32).to(device), dim=1)
     size = check_experts(len(x), num_expert)
     gen = torch.Generator().manual_seed(seed)
     centroids = _init_centroids(x, num_expert, gen)
     labels = None
     for _ in range(iterations):
-        new = balanced_assign(x @ centroids.T, size)
+        scores = x @ centroids.T
+        new = balanced_assign(scores, size)
+        for _ in range(swap_rounds if num_expert > 1 else 0):
+            if swap_pass(scores, new, num_expert) == 0:
+                break
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
