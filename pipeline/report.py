@@ -67,16 +67,45 @@ def _plt():
     return plt
 
 
+def smooth(values: list[float], window: int) -> np.ndarray:
+    """The trailing mean over ``window`` points (over fewer at the start)."""
+    sums = np.cumsum(np.insert(np.asarray(values, dtype=np.float64), 0, 0.0))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def loss_terms(curve: list) -> dict[str, tuple[list[int], list[float]]]:
+    """{term: (steps, values)} of a training stage's loss curve (``[step, total, {term: value}]``
+    entries): the LM loss and each distillation or penalty term, unscaled."""
+    terms: dict[str, tuple[list[int], list[float]]] = {}
+    for entry in curve:
+        for name, value in (entry[2] if len(entry) > 2 else {}).items():
+            steps, values = terms.setdefault(name, ([], []))
+            steps.append(entry[0])
+            values.append(value)
+    return terms
+
+
 def plot_loss_curves(curves: dict[str, list], out: Path) -> None:
+    """The LM loss of every training stage on the left, its distillation and penalty terms on the
+    right: each smoothed, the raw points faint behind."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, curve in curves.items():
-        if curve:
-            ax.plot([p[0] for p in curve], [p[1] for p in curve], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (LM + distillation + penalties)")
-    ax.set_title("Training loss of every training stage")
-    ax.legend(fontsize=8)
+    fig, (lm, others) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (name, curve) in enumerate((n, c) for n, c in curves.items() if c):
+        color = f"C{i % 10}"
+        for term, (steps, values) in loss_terms(curve).items():
+            ax, label = (lm, name) if term == "lm" else (others, f"{name}: {term}")
+            style = {} if term in ("lm", "kd_ce_logits") else {"linestyle": "--"}
+            ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8, **style)
+            ax.plot(steps, smooth(values, max(1, len(values) // 8)), color=color, label=label, **style)
+    lm.set_title("LM loss (next-token cross-entropy)")
+    others.set_title("distillation and penalty terms (unscaled)")
+    for ax in (lm, others):
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle("Training loss of every training stage, smoothed (raw points faint)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -349,7 +349,8 @@ def run(args, config: GPTJConfig, int8: bool, weights: dict, teacher_cfg, rank: 
         forward = distiller
     else:
         def forward(x, y):
-            return lm_forward(net, x, y)
+            loss, _ = lm_forward(net, x, y)
+            return loss, {"lm": loss.detach()}
     decay = [p for p in model.parameters() if p.dim() >= 2] + extra_params
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -377,27 +378,32 @@ def run(args, config: GPTJConfig, int8: bool, weights: dict, teacher_cfg, rank: 
         lr = lr_at(step, args.start_lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), device=device)
+        total, parts = torch.zeros((), device=device), {}
         for micro in range(args.grad_accum):
             x, y = batch_at(tokens, step, rank * args.grad_accum + micro, per_rank, args.seq_len, args.seed)
             with autocast:
-                loss, _ = forward(x.to(device), y.to(device))
+                loss, terms = forward(x.to(device), y.to(device))
                 if penalties is not None:
-                    loss = loss + args.act_l1 * torch.stack(penalties).mean()
+                    terms["act_l1"] = torch.stack(penalties).mean()
+                    loss = loss + args.act_l1 * terms["act_l1"]
                     penalties.clear()
             scaler.scale(loss / args.grad_accum).backward()
             total += loss.detach() / args.grad_accum
+            for name, value in terms.items():  # each term unscaled, as the plots compare them
+                parts[name] = parts.get(name, 0.0) + value.detach().float() / args.grad_accum
         scaler.unscale_(optimizer)
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        summed = torch.stack([total.float(), *parts.values()])
         if world > 1:
-            dist.all_reduce(total)
-            total /= world
+            dist.all_reduce(summed)
+            summed /= world
         step += 1
-        log.append([step, round(total.item(), 6)])
+        total, values = summed[0], summed[1:].tolist()
+        log.append([step, round(total.item(), 6), {n: round(v, 6) for n, v in zip(parts, values)}])
         bar.update(1)
         if rank == 0 and (step % args.log_interval == 0 or step == args.steps):
             bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.2e}")

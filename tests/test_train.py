@@ -43,6 +43,24 @@ def test_resumed_run_equals_uninterrupted(tmp_path, corpus):
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert log_a[-1][1] < log_a[0][1] - 0.5, "the loss falls"
+    assert all(entry[2].keys() == {"lm"} and entry[2]["lm"] == pytest.approx(entry[1], abs=1e-5) for entry in log_a), \
+        "without distillation or penalty the loss is the LM loss alone"
+
+
+def test_the_log_keeps_each_term_of_the_loss_apart(tmp_path, corpus):
+    assert run(tmp_path / "a", corpus, "--steps", "3", "--act-l1", "0.5") == 0
+    log = json.loads((tmp_path / "a" / train.TRAIN_LOG).read_text())["loss"]
+    for step, total, terms in log:
+        assert terms.keys() == {"lm", "act_l1"} and terms["act_l1"] > 0
+        assert total == pytest.approx(terms["lm"] + 0.5 * terms["act_l1"], abs=1e-5)
+
+
+def test_loss_curves_smooth_and_split_into_terms():
+    from pipeline.report import loss_terms, smooth
+
+    np.testing.assert_allclose(smooth([1, 3, 5, 7], 2), [1, 2, 4, 6])
+    curve = [[1, 3.0, {"lm": 2.0, "kd_ce_logits": 1.0}], [2, 2.5, {"lm": 1.5, "kd_ce_logits": 1.0}], [3, 9.0]]
+    assert loss_terms(curve) == {"lm": ([1, 2], [2.0, 1.5]), "kd_ce_logits": ([1, 2], [1.0, 1.0])}
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -45,7 +45,7 @@ def torchrun(nproc, *args, check=True):
 
 
 def losses(save_dir):
-    return [loss for _, loss in json.loads((save_dir / train.TRAIN_LOG).read_text())["loss"]]
+    return [entry[1] for entry in json.loads((save_dir / train.TRAIN_LOG).read_text())["loss"]]
 
 
 def test_seed_relu_conversion_command_runs(tmp_path, corpus, smoke_dir):

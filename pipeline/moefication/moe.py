@@ -60,8 +60,9 @@ class BMMoE:
               selection: str = "router") -> None:
         """Replace every FFN of ``model`` by its MoE version, from a directory holding the clusters
         and routers (``clusters.safetensors``, ``routers.safetensors``: a Routers artifact).
-        ``selection="groundtruth"`` picks the experts by their true activation (the upper bound a
-        router can reach; simulation only)."""
+        ``selection="groundtruth"`` picks the experts by their true activation (the most activation
+        mass any top-k selection covers, layer by layer; not a bound on perplexity, which a router
+        can beat; simulation only)."""
         layers = load_experts(model, checkpoint_path, num_expert)
         # built for every layer before any is replaced: a bad checkpoint changes nothing
         moe = [MoEFFN(block.mlp, labels, router, topk, sparse, selection)
