@@ -1,6 +1,6 @@
-"""The comparison report: every variant's perplexity, file size and CPU speed, measured in one
-run, with plots of the training curves, activation sparsity, router coverage and perplexity
-against size."""
+"""The comparison report: every variant's perplexity, fidelity to the teacher, file size and CPU
+speed, measured in one run, with plots of the training curves, activation sparsity, router
+coverage, perplexity against size and fidelity."""
 from __future__ import annotations
 
 import time
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.evaluate import NEW_TOKENS as GREEDY_TOKENS, PROMPTS as GREEDY_PROMPTS
 
 SPEED_TOKENS = (1, 16)
 
@@ -34,9 +36,13 @@ def tokens_per_second(models: dict, vocab: int, lengths=SPEED_TOKENS, rounds: in
     return {name: {n: n / float(np.median(t)) for n, t in per.items()} for name, per in times.items()}
 
 
-def measure_rows(teacher, rows, perplexities: dict[str, float], vocab: int, rounds: int) -> list[dict]:
-    """Per row ``(name, job, bytes, what)`` (the first row is the teacher's): its perplexity, and its
-    speed measured in turns with the teacher's (``tokens_per_second`` on the pair). One variant is
+FIDELITY = ("kl", "top1_agreement", "greedy_agreement")  # against the teacher (pipeline.evaluate.run_jobs)
+
+
+def measure_rows(teacher, rows, evaluations: dict[str, dict], vocab: int, rounds: int) -> list[dict]:
+    """Per row ``(name, job, bytes, what)`` (the first row is the teacher's): its perplexity and
+    fidelity to the teacher (from ``evaluations``), and its speed measured in turns with the
+    teacher's (``tokens_per_second`` on the pair). One variant is
     loaded (``pipeline.evaluate.load_job_model``) at a time and freed before the next, so that no
     more than two models, the teacher and it, are ever held."""
     import gc
@@ -46,7 +52,8 @@ def measure_rows(teacher, rows, perplexities: dict[str, float], vocab: int, roun
     results = []
     for name, spec, nbytes, what in rows:
         model = teacher if name == "teacher" else load_job_model(spec)
-        result = {"name": name, "perplexity": round(perplexities[name], 4), "bytes": nbytes, "what": what}
+        result = {"name": name, "perplexity": round(evaluations[name]["perplexity"], 4), "bytes": nbytes, "what": what,
+                  **{k: round(evaluations[name][k], 5) for k in FIDELITY if k in evaluations[name]}}
         pair = {"teacher": teacher} if model is teacher else {"teacher": teacher, name: model}
         speed = tokens_per_second(pair, vocab, rounds=rounds)
         for n in SPEED_TOKENS:
@@ -56,6 +63,17 @@ def measure_rows(teacher, rows, perplexities: dict[str, float], vocab: int, roun
         del model, pair
         gc.collect()
     return results
+
+
+def compare(rows: list[dict], control: str) -> list[dict]:
+    """``rows`` (the teacher's first) with each perplexity's ratio to the teacher's and to the
+    ``control`` row's, and each size's ratio to the teacher's."""
+    teacher, matched = rows[0], next(r for r in rows if r["name"] == control)
+    for r in rows:
+        r.update(perplexity_ratio=round(r["perplexity"] / teacher["perplexity"], 4),
+                 control_ratio=round(r["perplexity"] / matched["perplexity"], 4),
+                 size_ratio=round(r["bytes"] / teacher["bytes"], 4))
+    return rows
 
 
 def _plt():
@@ -140,22 +158,57 @@ def plot_perplexity_size(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_fidelity(rows: list[dict], out: Path) -> None:
+    """Per row, its top-1 agreement with the teacher and its greedy agreement (share of the
+    generated tokens), and its KL divergence from the teacher."""
+    plt = _plt()
+    rows = [r for r in rows if "kl" in r]
+    names, at = [r["name"] for r in rows], np.arange(len(rows))
+    fig, (agree, kl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    agree.bar(at - 0.2, [r["top1_agreement"] for r in rows], 0.4, label="top-1 agreement")
+    agree.bar(at + 0.2, [r["greedy_agreement"] / GREEDY_TOKENS for r in rows], 0.4,
+              label=f"greedy agreement (share of {GREEDY_TOKENS} tokens before the first difference)")
+    agree.set_ylim(0, 1.05)
+    kl.bar(at, [r["kl"] for r in rows])
+    kl.set_ylabel("mean KL(teacher || model) per token, nats")
+    agree.set_title("agreement with the teacher")
+    kl.set_title("divergence from the teacher")
+    for ax in (agree, kl):
+        ax.set_xticks(at, names, rotation=35, ha="right", fontsize=7)
+    agree.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 PLOTS = {"loss_curves.png": "training loss curves", "ffn_sparsity.png": "per-layer activation sparsity",
-         "router_coverage.png": "router coverage per layer", "perplexity_size.png": "perplexity against size"}
+         "router_coverage.png": "router coverage per layer", "perplexity_size.png": "perplexity against size",
+         "fidelity.png": "fidelity to the teacher"}
 
 
 def write_markdown(metrics: dict, out: Path, title: str) -> None:
-    rows = metrics["rows"]
+    rows, control = metrics["rows"], metrics["control"]
     lines = [f"# {title}", "",
              f"Every model on the same {metrics['eval_tokens']} validation tokens (windows of {metrics['seq_len']}). "
-             f"Speed: CPU tokens per second of one forward over a sequence of 1 and of 16 tokens, "
-             f"{metrics['threads']} torch threads, each model measured in turns with the teacher (median of "
-             f"{metrics['rounds']} rounds; one variant held at a time). Ratios are to the teacher.", "",
-             "| model | perplexity | vs teacher | file size | vs teacher | tok/s (1) | vs teacher | tok/s (16) | vs teacher |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"**vs control** is the ratio to *{control}*: the teacher fine-tuned with the same recipe, steps, data "
+             f"and distillation as the compressed runs, nothing compressed; it measures what compression costs. "
+             f"**vs teacher** adds what the extra training gained. Fidelity, on the same windows: the mean "
+             f"per-token KL divergence of the model's next-token distribution from the teacher's, the share of "
+             f"positions where both rank the same token first, and over {GREEDY_PROMPTS} prompts from the "
+             f"validation split the mean number of greedily generated tokens identical to the teacher's before "
+             f"the first difference (of {GREEDY_TOKENS}).", "",
+             "| model | perplexity | vs control | vs teacher | KL from teacher | top-1 agreement | greedy agreement |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {r['perplexity_ratio']:.3f}x | "
-                     f"{r['bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.3f}x | {r['tokens_per_s_1']:.0f} | "
+        lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {r['control_ratio']:.3f}x | {r['perplexity_ratio']:.3f}x | "
+                     f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['greedy_agreement']:.1f} / {GREEDY_TOKENS} |")
+    lines += ["", f"Size and speed: CPU tokens per second of one forward over a sequence of 1 and of 16 tokens, "
+              f"{metrics['threads']} torch threads, each model measured in turns with the teacher (median of "
+              f"{metrics['rounds']} rounds; one variant held at a time). Ratios are to the teacher.", "",
+              "| model | file size | vs teacher | tok/s (1) | vs teacher | tok/s (16) | vs teacher |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.3f}x | {r['tokens_per_s_1']:.0f} | "
                      f"{r['speed_ratio_1']:.2f}x | {r['tokens_per_s_16']:.0f} | {r['speed_ratio_16']:.2f}x |")
     lines += [""] + [f"- **{r['name']}**: {r['what']}" for r in rows] + [""]
     lines += [f"![{caption}]({name})" for name, caption in PLOTS.items()] + [""]

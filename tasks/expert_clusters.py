@@ -66,7 +66,8 @@ class ExpertClusters(Stage):
     def build(self, build, inputs) -> None:
         from pipeline.moefication.files import CLUSTERS, HIDDEN
         from pipeline.moefication.param_cluster import cluster_layers, cluster_model_share, model_inputs, save_clusters
-        from tasks.ranks import layers_on_ranks, local_device
+        from tasks.layer_work import layers_on_ranks
+        from tasks.ranks import local_device
 
         model, n_layer = inputs["ReluModel"].path, pipeline_settings().architecture().n_layer
         hidden = inputs["HiddenStates"].file(HIDDEN) if self.method == "coactivation" else None

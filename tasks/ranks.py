@@ -2,7 +2,8 @@
 the GPU when there is one), else under torchrun on the ``[pipeline]`` ranks. Evaluations split
 their windows over the ranks (``pipeline.evaluate``); layer-by-layer work (clustering, router
 training) splits its layers (``pipeline.layerwise``). Either way the result does not depend on the
-world size."""
+world size. (The layers' half is ``tasks.layer_work``, so that only the stages splitting layers
+cover its entry point in their versions.)"""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ def local_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _on_ranks(build, module: str, job: dict, tag: str) -> Path:
+def on_ranks(build, module: str, job: dict, tag: str) -> Path:
     """Run ``python -m module --job JOB --out OUT`` on the ranks; OUT's path (the rank 0 writes it, if anything)."""
     from pipeline import launch
 
@@ -32,26 +33,14 @@ def _on_ranks(build, module: str, job: dict, tag: str) -> Path:
     return out
 
 
-def evaluate(build, jobs: list[dict], tokens: Path, seq_len: int, max_tokens: int, tag: str = "evaluate") -> dict:
-    """{job name: perplexity result} for ``jobs`` (``pipeline.evaluate.job``) on ``tokens``."""
+def evaluate(build, jobs: list[dict], tokens: Path, seq_len: int, max_tokens: int, tag: str = "evaluate",
+             reference: dict | None = None) -> dict:
+    """{job name: perplexity result} for ``jobs`` (``pipeline.evaluate.job``) on ``tokens``; with a
+    ``reference`` job, each model's fidelity to it too (``pipeline.evaluate.run_jobs``)."""
     if pipeline_settings().world_size() == 1:
         from pipeline.data import load_tokens
         from pipeline.evaluate import run_jobs
 
-        return run_jobs(jobs, load_tokens(tokens), seq_len, max_tokens, device=local_device())
-    job = {"tokens": str(tokens), "seq_len": seq_len, "max_tokens": max_tokens, "jobs": jobs}
-    return json.loads(_on_ranks(build, "pipeline.evaluate", job, tag).read_text())
-
-
-def layers_on_ranks(build, function, num_layer: int, tag: str, **kwargs) -> bool:
-    """With several ranks, ``function(num_layer=..., **kwargs, layers=..., device=...)`` on each, rank r taking
-    layers r, r + world, ... (each kept in the per-layer progress the stage then assembles from);
-    False, and nothing run, with one rank: the stage does every layer itself."""
-    from pipeline import layerwise
-
-    if pipeline_settings().world_size() == 1:
-        return False
-    job = {"function": f"{function.__module__}:{function.__name__}", "num_layer": num_layer,
-           "kwargs": {"num_layer": num_layer, **kwargs}}
-    _on_ranks(build, layerwise.__name__, job, tag)
-    return True
+        return run_jobs(jobs, load_tokens(tokens), seq_len, max_tokens, device=local_device(), reference=reference)
+    job = {"tokens": str(tokens), "seq_len": seq_len, "max_tokens": max_tokens, "jobs": jobs, "reference": reference}
+    return json.loads(on_ranks(build, "pipeline.evaluate", job, tag).read_text())

@@ -1,9 +1,12 @@
-"""Report: every variant evaluated on the same held-out tokens (perplexity, file size, CPU
-tokens per second for 1 and 16 tokens, measured side by side in this run), as ``report.md`` with
-plots. Variants: the teacher, the ReLU model, the MoE at the Routers' top-k, 2:4 + KD, int8 QAT +
-KD, int8 + 2:4 + KD (each a FinalCompressed run with those toggles and the configured training
-settings), the configured FinalCompressed, and int8 post-training quantization of the teacher
-without training (the baseline QAT must beat)."""
+"""Report: every variant evaluated on the same held-out tokens (perplexity, fidelity to the
+teacher, file size, CPU tokens per second for 1 and 16 tokens, measured side by side in this run),
+as ``report.md`` with plots. Variants: the teacher, the ReLU model, the MoE at the Routers' top-k,
+the matched control (the teacher fine-tuned with the same recipe, steps, data and distillation,
+nothing compressed), 2:4 + KD, int8 QAT + KD, int8 + 2:4 + KD, MoE + KD (each a FinalCompressed
+run with those toggles and the configured training settings), the configured FinalCompressed, and
+int8 post-training quantization of the teacher without training (the baseline QAT must beat).
+Every row's perplexity is compared with the teacher's and with the control's: the control's ratio
+is what compression costs, the teacher's adds what the extra training gained."""
 from __future__ import annotations
 
 
@@ -16,8 +19,11 @@ from tasks.routers import Routers
 from tasks.params import Count, SeqLen
 from tasks.stage import Stage
 
-# FinalCompressed toggles (int8, pruning, moe, distill) of the single-method rows
+CONTROL = "control: KD, nothing compressed"
+# FinalCompressed toggles (int8, pruning, moe, distill) of the control and the single-method rows
 VARIANTS = {
+    CONTROL: (False, False, False, True),
+    "MoE + KD": (False, False, True, True),
     "2:4 + KD": (False, True, False, True),
     "int8 QAT + KD": (True, False, False, True),
     "int8 + 2:4 + KD": (True, True, False, True),
@@ -50,10 +56,11 @@ class Report(Stage):
         from pipeline.resources import Needs, int8_export_bytes
 
         model = self.model_bytes()
-        flops, rank = self.evaluation_needs(len(VARIANTS) + 5, self.eval_tokens)
-        return Needs(int8_export_bytes(model) + 4 * 2**20, 2.5 * model,
-                     "an int8 copy of the teacher and four plots; the teacher and one variant held at a time",
-                     flops, rank)
+        # every row beside the teacher's own forward on the same windows (its fidelity)
+        flops, rank = self.evaluation_needs(2 * (len(VARIANTS) + 5), self.eval_tokens)
+        return Needs(int8_export_bytes(model) + 5 * 2**20, 2.5 * model,
+                     "an int8 copy of the teacher and five plots; the teacher and one variant held at a time",
+                     flops, 2 * rank)
 
     def build(self, build, inputs) -> None:
         import torch
@@ -63,7 +70,7 @@ class Report(Stage):
         from pipeline.models import from_pretrained
         from pipeline.moefication.files import CLUSTERS, ROUTERS
         from pipeline.moefication.moe import load_moefied
-        from pipeline.report import measure_rows, write_markdown
+        from pipeline.report import compare, measure_rows, write_markdown
 
         base, relu, routers = inputs["BaseModel"], inputs["ReluModel"], inputs["Routers"]
         num_expert, topk = routers.metrics["num_expert"], routers.metrics["topk"]
@@ -96,8 +103,7 @@ class Report(Stage):
                     f"2:4 zeros stored (no sparse format)")
 
         ptq_dir = build.path / "int8_ptq"
-        teacher_model = from_pretrained(base.path).eval()
-        ptq = export_compressed(teacher_model, ptq_dir)
+        ptq = export_compressed(from_pretrained(base.path).eval(), ptq_dir)
         moe_name, ptq_name = f"MoE {round(100 * topk / num_expert)}% experts", "int8 PTQ (no training)"
         rows = [
             ("teacher", job("teacher", from_pretrained, path=str(base.path)), dense_bytes(base),
@@ -111,24 +117,21 @@ class Report(Stage):
             (ptq_name, job(ptq_name, load_compressed, cpu=True, path=str(ptq_dir)), ptq["bytes"],
              "the teacher's weights rounded to int8 per row, no training: the baseline QAT must beat"),
         ]
-        with build.timed("evaluate"):  # on the [pipeline] ranks, one model at a time
-            perplexities = evaluate(build, [spec for _, spec, _, _ in rows], inputs["Corpus"].file("valid.npy"),
-                                    self.seq_len, self.eval_tokens)
+        with build.timed("evaluate"):  # on the [pipeline] ranks: the teacher and one variant at a time
+            evaluations = evaluate(build, [spec for _, spec, _, _ in rows], inputs["Corpus"].file("valid.npy"),
+                                   self.seq_len, self.eval_tokens, reference=rows[0][1])
+        teacher_model = from_pretrained(base.path).eval()
         with build.timed("speed"):  # here, the teacher and one variant at a time
-            results = measure_rows(teacher_model, rows, {n: r["perplexity"] for n, r in perplexities.items()},
-                                   teacher_model.config.vocab_size, self.rounds)
-        teacher = results[0]
-        for r in results:
-            r.update(perplexity_ratio=round(r["perplexity"] / teacher["perplexity"], 4),
-                     size_ratio=round(r["bytes"] / teacher["bytes"], 4))
+            results = compare(measure_rows(teacher_model, rows, evaluations, teacher_model.config.vocab_size,
+                                           self.rounds), CONTROL)
         metrics = {"rows": results, "eval_tokens": self.eval_tokens, "seq_len": self.seq_len, "rounds": self.rounds,
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "control": CONTROL}
         build.metrics.update(metrics)
         self.plots(build.path, inputs, results)
         write_markdown(metrics, build.path, f"Compression report: {teacher_model.config.n_layer}-layer GPT-J")
 
     def plots(self, out, inputs, rows) -> None:
-        from pipeline.report import plot_layers, plot_loss_curves, plot_perplexity_size
+        from pipeline.report import plot_fidelity, plot_layers, plot_loss_curves, plot_perplexity_size
 
         curves = {"BaseModel": inputs["BaseModel"].metrics.get("loss_curve"),
                   "ReluModel": inputs["ReluModel"].metrics.get("loss_curve")}
@@ -145,3 +148,4 @@ class Report(Stage):
                     "share of activation mass covered", "Router coverage per layer (held-out tokens)",
                     out / "router_coverage.png")
         plot_perplexity_size(rows, out / "perplexity_size.png")
+        plot_fidelity(rows, out / "fidelity.png")

@@ -55,7 +55,8 @@ class Routers(Stage):
         from pipeline.moefication.files import CLUSTERS, HIDDEN, ROUTERS
         from pipeline.moefication.mlp_select import check_clusters, save_routers, train_model_share, train_routers
         from pipeline.moefication.param_cluster import TEMPLATE, FcIn
-        from tasks.ranks import layers_on_ranks, local_device
+        from tasks.layer_work import layers_on_ranks
+        from tasks.ranks import local_device
 
         config, model = pipeline_settings().architecture(), inputs["ReluModel"].path
         clusters_file, hidden = inputs["ExpertClusters"].file(CLUSTERS), inputs["HiddenStates"].file(HIDDEN)

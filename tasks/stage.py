@@ -296,7 +296,7 @@ _VERIFIED: set[str] = set()
 
 def layer_work_needs(layers: int, per_layer: float, held: float, assembling: float, disk: float,
                      what: str) -> resources.Needs:
-    """A stage that works layer by layer (``tasks.ranks.layers_on_ranks``): on the CPU as many
+    """A stage that works layer by layer (``tasks.layer_work.layers_on_ranks``): on the CPU as many
     layers at once as there are cores, spread over the local ranks (on GPUs fewer: one per rank),
     then the stage's process assembling them (``assembling``), with ``held`` throughout."""
     settings = pipeline_settings()

@@ -14,7 +14,9 @@ FC_ALL = "FinalCompressed(int8+pruning+moe+distill)"
 FC_24 = "FinalCompressed(pruning+distill)"
 FC_I8 = "FinalCompressed(int8+distill)"
 FC_I8_24 = "FinalCompressed(int8+pruning+distill)"
-FINALS = {FC_ALL, FC_24, FC_I8, FC_I8_24}
+FC_CONTROL = "FinalCompressed(distill)"  # the matched control: fine-tuning and KD, nothing compressed
+FC_MOE = "FinalCompressed(moe+distill)"
+FINALS = {FC_ALL, FC_24, FC_I8, FC_I8_24, FC_CONTROL, FC_MOE}
 INT8 = {FC_ALL, FC_I8, FC_I8_24, "Report"}  # the int8 runs, and the Report's int8 baseline
 PRUNE = {FC_ALL, FC_24, FC_I8_24, "PruningMasks(moe)", "PruningMasks(base)"}
 TRAINING = {"BaseModel", "ReluModel"} | FINALS
@@ -59,7 +61,7 @@ RUNS = {
     "pipeline/moefication/mlp_select.py": ROUTERS,
     "pipeline/moefication/moe.py": {"Moefied", "Report"},
     "pipeline/moefication/param_cluster.py": CLUSTERING | ROUTERS,
-    "pipeline/moefication/routed.py": {FC_ALL, "Moefied", "Report"},
+    "pipeline/moefication/routed.py": {FC_ALL, FC_MOE, "Moefied", "Report"},
     "pipeline/moefication/router.py": ROUTERS | {FC_ALL, "Moefied", "Report"},
     "pipeline/moefication/sparse.py": {"Moefied", "Report"},
     "pipeline/processes.py": EVERY,
@@ -119,7 +121,7 @@ def test_every_module_has_a_row():
 @pytest.mark.parametrize("module", sorted(RUNS))
 def test_an_edit_restales_exactly_the_stages_that_run_it(default_project, module):
     p, before = default_project
-    assert len(before) == 16, sorted(before)
+    assert len(before) == 18, sorted(before)
     path = p.root / module
     original = path.read_text()
     try:

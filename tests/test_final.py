@@ -74,10 +74,17 @@ def test_generate_runs_from_the_final_artifact(chain):
 def test_report_compares_every_variant(chain):
     path, manifest = artifact(chain, "Report")
     rows = {r["name"]: r for r in manifest["metrics"]["rows"]}
-    assert list(rows) == ["teacher", "ReLU", "MoE 25% experts", "2:4 + KD", "int8 QAT + KD", "int8 + 2:4 + KD",
-                          "final: int8 QAT + 2:4 + MoE + KD", "int8 PTQ (no training)"]
+    control = "control: KD, nothing compressed"
+    assert list(rows) == ["teacher", "ReLU", "MoE 25% experts", control, "MoE + KD", "2:4 + KD", "int8 QAT + KD",
+                          "int8 + 2:4 + KD", "final: int8 QAT + 2:4 + MoE + KD", "int8 PTQ (no training)"]
     teacher = rows["teacher"]
     assert teacher["perplexity_ratio"] == 1.0 and teacher["speed_ratio_16"] == 1.0
+    assert teacher["kl"] < 1e-6 and teacher["top1_agreement"] == 1.0 and teacher["greedy_agreement"] == 32
+    assert rows[control]["control_ratio"] == 1.0
+    for r in rows.values():
+        assert r["control_ratio"] == round(r["perplexity"] / rows[control]["perplexity"], 4)
+        assert 0 <= r["top1_agreement"] <= 1 and 0 <= r["greedy_agreement"] <= 32 and r["kl"] >= 0, r
+    assert rows["ReLU"]["kl"] > 0 and rows["ReLU"]["top1_agreement"] < 1
     _, base = artifact(chain, "BaseModel")
     assert abs(teacher["perplexity"] - base["metrics"]["valid_perplexity"]) < 0.05 * teacher["perplexity"]
     _, fin = final(chain)
@@ -90,7 +97,7 @@ def test_report_compares_every_variant(chain):
     text = (path / "report.md").read_text()
     for name in rows:
         assert f"| {name} |" in text
-    for png in ("loss_curves.png", "ffn_sparsity.png", "router_coverage.png", "perplexity_size.png"):
+    for png in ("loss_curves.png", "ffn_sparsity.png", "router_coverage.png", "perplexity_size.png", "fidelity.png"):
         assert (path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
 
 

@@ -168,6 +168,16 @@ def test_the_report_holds_at_most_two_models_at_once():
 
     teacher = tracked_model(0)
     rows = [("teacher", None, 1, "")] + [(f"v{i}", job(f"v{i}", tracked_model, seed=i), 1, "") for i in range(1, 5)]
-    results = measure_rows(teacher, rows, {r[0]: 2.0 for r in rows}, teacher.config.vocab_size, rounds=1)
+    results = measure_rows(teacher, rows, {r[0]: {"perplexity": 2.0} for r in rows}, teacher.config.vocab_size,
+                           rounds=1)
     assert PEAK[0] == 2 and [r["name"] for r in results] == [r[0] for r in rows]
     assert results[0]["speed_ratio_1"] == 1.0 and all(r["tokens_per_s_16"] > 0 for r in results)
+    del teacher
+    PEAK[0] = 0
+    from pipeline.evaluate import run_jobs  # the evaluations: the teacher held as the reference, and one variant
+
+    tokens = np.random.default_rng(0).integers(0, 512, size=200).astype(np.uint16)
+    evaluations = run_jobs([spec for _, spec, _, _ in rows[1:]], tokens, 32, 0, reference=job("teacher", tracked_model,
+                                                                                               seed=0), prompts=2,
+                           new_tokens=4)
+    assert PEAK[0] == 2 and list(evaluations) == [r[0] for r in rows[1:]]
