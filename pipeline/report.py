@@ -186,6 +186,19 @@ PLOTS = {"loss_curves.png": "training loss curves", "ffn_sparsity.png": "per-lay
          "fidelity.png": "fidelity to the teacher"}
 
 
+def harness_table(rows: list[dict]) -> list[str]:
+    """The lm-evaluation-harness scores of every row, one column per task and metric (none: no lines)."""
+    columns = [(task, metric) for task, metrics in rows[0].get("harness", {}).items() for metric in metrics
+               if metric != "sample_len"]
+    if not columns:
+        return []
+    lines = ["", "lm-evaluation-harness (`harness_tasks`), every row through `pipeline.harness.PipelineLM`:", "",
+             "| model | " + " | ".join(f"{t}: {m}" for t, m in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r['harness'][t][m]:.4g}" for t, m in columns) + " |")
+    return lines
+
+
 def write_markdown(metrics: dict, out: Path, title: str) -> None:
     rows, control = metrics["rows"], metrics["control"]
     lines = [f"# {title}", "",
@@ -210,6 +223,7 @@ def write_markdown(metrics: dict, out: Path, title: str) -> None:
     for r in rows:
         lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.3f}x | {r['tokens_per_s_1']:.0f} | "
                      f"{r['speed_ratio_1']:.2f}x | {r['tokens_per_s_16']:.0f} | {r['speed_ratio_16']:.2f}x |")
+    lines += harness_table(rows)
     lines += [""] + [f"- **{r['name']}**: {r['what']}" for r in rows] + [""]
     lines += [f"![{caption}]({name})" for name, caption in PLOTS.items()] + [""]
     (out / "report.md").write_text("\n".join(lines))

@@ -6,6 +6,8 @@ Luigi's own ``ChoiceParameter`` refuses a bad value while it parses the command 
 Luigi only reports "Uncaught exception"; ``Choice`` leaves the refusal to the stage."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import luigi
 
 
@@ -75,6 +77,26 @@ class Choice(luigi.Parameter):
 
     def problem(self, task, value: str) -> str | None:
         return None if value in self.choices else f"expected {self.expected()}"
+
+
+class HarnessTasks(luigi.Parameter):
+    """lm-evaluation-harness task names, comma-separated (empty: none), each one the harness knows,
+    with the task files of the stage's ``harness_include`` directory beside its own."""
+
+    def problem(self, task, value: str) -> str | None:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        if not names:
+            return None
+        include = getattr(task, "harness_include", "")
+        if include and not Path(include).is_dir():
+            return f"expected tasks of harness_include {include!r}, which is not a directory"
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            return "expected nothing without the lm-eval package (pip install -e '.[harness]')"
+        known = set(TaskManager(include_path=include or None).all_tasks)
+        unknown = [n for n in names if n not in known]
+        return f"expected tasks the harness knows; it has no {', '.join(unknown)}" if unknown else None
 
 
 def problems(task) -> list[str]:

@@ -9,6 +9,9 @@ Every row's perplexity is compared with the teacher's and with the control's: th
 is what compression costs, the teacher's adds what the extra training gained."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import luigi
 
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus, check_windows
@@ -16,7 +19,7 @@ from tasks.ranks import evaluate
 from tasks.final_compressed import FinalCompressed
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
-from tasks.params import Count, SeqLen
+from tasks.params import Count, HarnessTasks, SeqLen
 from tasks.stage import Stage
 
 CONTROL = "control: KD, nothing compressed"
@@ -34,6 +37,9 @@ class Report(Stage):
     eval_tokens = Count(at_least="seq_len", description="validation tokens per perplexity")
     seq_len = SeqLen()
     rounds = Count(description="speed: rounds of interleaved measurements (median)")
+    harness_tasks = HarnessTasks(description="lm-eval tasks to run on every row, comma-separated (empty: none)")
+    harness_include = luigi.Parameter(description="a directory of lm-eval task files (empty: the harness's own)")
+    harness_limit = Count(zero="all", description="documents per harness task (0: all)")
 
     def upstream(self):
         ups = {"Corpus": Corpus(), "BaseModel": BaseModel(), "ReluModel": ReluModel(), "Routers": Routers(),
@@ -46,7 +52,17 @@ class Report(Stage):
         return ("compressed", "moe", "quant")  # the int8 baseline and the int8 MoE rows
 
     def effective_params(self) -> dict:
-        return {"eval_tokens": self.eval_tokens, "seq_len": self.seq_len, "rounds": self.rounds}
+        params = {"eval_tokens": self.eval_tokens, "seq_len": self.seq_len, "rounds": self.rounds}
+        if self.harness_names():
+            from pipeline.artifacts import sha256_file
+
+            files = sorted(p for p in Path(self.harness_include).rglob("*") if p.is_file()) if self.harness_include else []
+            params.update(harness_tasks=self.harness_names(), harness_limit=self.harness_limit,
+                          harness_files={str(p.relative_to(self.harness_include)): sha256_file(p) for p in files})
+        return params
+
+    def harness_names(self) -> list[str]:
+        return [n.strip() for n in self.harness_tasks.split(",") if n.strip()]
 
     def check_inputs(self, inputs) -> None:
         if "Corpus" in inputs:
@@ -124,11 +140,29 @@ class Report(Stage):
         with build.timed("speed"):  # here, the teacher and one variant at a time
             results = compare(measure_rows(teacher_model, rows, evaluations, teacher_model.config.vocab_size,
                                            self.rounds), CONTROL)
+        n_layer = teacher_model.config.n_layer
+        del teacher_model
+        if self.harness_names():
+            with build.timed("harness"):
+                self.harness(rows, inputs["Corpus"].file("tokenizer.json"), results)
         metrics = {"rows": results, "eval_tokens": self.eval_tokens, "seq_len": self.seq_len, "rounds": self.rounds,
                    "threads": torch.get_num_threads(), "control": CONTROL}
         build.metrics.update(metrics)
         self.plots(build.path, inputs, results)
-        write_markdown(metrics, build.path, f"Compression report: {teacher_model.config.n_layer}-layer GPT-J")
+        write_markdown(metrics, build.path, f"Compression report: {n_layer}-layer GPT-J")
+
+    def harness(self, rows, tokenizer, results) -> None:
+        """Each row's scores on the ``harness_tasks``, into its result (one model held at a time)."""
+        from functools import partial
+
+        from pipeline.evaluate import load_job_model
+        from pipeline.harness import evaluate_rows
+
+        found = evaluate_rows([(name, partial(load_job_model, spec)) for name, spec, _, _ in rows], tokenizer,
+                              self.harness_names(), Path(self.harness_include) if self.harness_include else None,
+                              self.harness_limit or None)
+        for r in results:
+            r["harness"] = found[r["name"]]
 
     def plots(self, out, inputs, rows) -> None:
         from pipeline.report import plot_fidelity, plot_layers, plot_loss_curves, plot_perplexity_size

@@ -291,6 +291,8 @@ CASES = {
     "64": module("pipeline.moefication.hidden", "--model", "/nonexistent", "--data", "{d}", "--out", "{d}/out"),
     "65": store_is_a_file,
     "66": luigi("Moefied", "--pipeline-model", "gpt-j"),
+    "67": luigi("Report", "--Report-harness-tasks", "nosuch_task"),
+    "68": luigi("Report", "--Report-harness-tasks", "local_mc", "--Report-harness-include", "/nonexistent"),
 }
 SETUP = {"10": fake_corpus_artifact, "11": fake_corpus_artifact, "29": fake_corpus_artifact}
 PUBLISHED = {"46": {"Corpus"}, "47": {"Corpus"}}  # built on purpose before the refused run
