@@ -77,7 +77,9 @@ PROMPTS, NEW_TOKENS = 16, 32  # greedy agreement: prompts from the evaluated spl
 def fidelity_sums(logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[float, float]:
     """(sum over positions of KL(teacher || model), positions where both rank the same token first)."""
     log_p, log_q = F.log_softmax(teacher_logits, dim=-1), F.log_softmax(logits, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum()
+    # per position over the vocabulary, then over positions in float64: the same sums in the same
+    # order whatever the thread count (one big reduction is split over threads differently)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).double().sum()
     return float(kl), float((teacher_logits.argmax(-1) == logits.argmax(-1)).sum())
 
 

@@ -32,8 +32,7 @@ class Routers(Stage):
 
     def needs(self):
         config, tokens = pipeline_settings().architecture(), self.upstream()["HiddenStates"].token_budget
-        k, d, ff = self.upstream()["ExpertClusters"].num_expert, pipeline_settings().architecture().n_embd, \
-            pipeline_settings().architecture().n_inner
+        k, d, ff = self.upstream()["ExpertClusters"].num_expert, config.n_embd, config.n_inner
         router = (d * k + k * k) * 4
         clusters = config.n_layer * (ff * 8 + k * d * 4)
         # per layer: the routers as progress and published, and the clusters' copy beside them

@@ -40,7 +40,8 @@ RUNS = {
     "pipeline/distill.py": {"ReluModel"} | FINALS,
     "pipeline/distributed.py": TRAINING | {"HiddenStates"},
     "pipeline/evaluate.py": {"BaseModel"},
-    "pipeline/generate.py": set(),  # the generation command, no stage
+    "pipeline/harness.py": {"Report"},
+    "pipeline/generate.py": {"Report"},  # the generation command, and the harness model loads through it
     "pipeline/launch.py": TRAINING | {"HiddenStates"},
     "pipeline/layerwise.py": CLUSTERING | ROUTERS,
     "pipeline/memory.py": TRAINING,
@@ -50,7 +51,7 @@ RUNS = {
     "pipeline/models/gptj.py": {"BaseModel"},
     "pipeline/models/hf.py": {"BaseModel"},
     "pipeline/models/presets.py": EVERY,
-    "pipeline/moefication/__init__.py": set(),  # re-exports only: the stages import the modules they run
+    "pipeline/moefication/__init__.py": {"Report"},  # re-exports: pipeline.generate (the harness) imports BMMoE there
     "pipeline/moefication/clustering.py": CLUSTERING | ROUTERS,
     "pipeline/moefication/coactivation.py": {"ExpertClusters(coactivation)"},
     "pipeline/moefication/evaluation.py": {"Moefied"},

@@ -35,7 +35,8 @@ PUBLISH_STEPS = ["before-manifest", "before-rename", "after-rename"]
 MILESTONES = {"BaseModel": "resume/checkpoint.json", "ReluModel": "resume/checkpoint.json",
               "FinalCompressed": "resume/checkpoint.json", "HiddenStates": "shard-*.h5"}
 # files that hold wall-clock times: logs, the training log's timings, the Report's speed table
-TIMED = {"stage.log", "train.log", "dump.log", "train_log.json", "evaluate.log", "evaluate-compressed.log"}
+TIMED = {"stage.log", "train.log", "dump.log", "train_log.json", "evaluate.log", "evaluate-compressed.log", "clustering.log",
+         "routers.log"}  # logs of torchrun runs: their timings
 TIMED_BY_STAGE = {"Report": {"report.md"}}
 
 

@@ -17,7 +17,7 @@ def test_the_plan_lists_every_stage_with_the_estimates_the_stages_use(tmp_path):
     proc = plan(tmp_path, "--tflops", "1")  # nothing built: every stage would run
     assert proc.returncode == 0, proc.stderr
     rows = [line.split()[0] for line in proc.stdout.splitlines()[2:-1]]
-    assert rows.count("FinalCompressed") == 4 and rows.count("Routers") == 2 and len(rows) == 16, proc.stdout
+    assert rows.count("FinalCompressed") == 6 and rows.count("Routers") == 2 and len(rows) == 18, proc.stdout
     code = ("from luigi.cmdline_parser import CmdlineParser; import tasks\n"
             "with CmdlineParser.global_instance(['ReluModel']):\n"
             "    n = tasks.ReluModel().needs(); print(n.flops, n.rank_memory)")
