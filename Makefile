@@ -67,10 +67,13 @@ bench: setup
 	$(PY) bench/train_throughput.py
 	$(PY) bench/masks.py
 
-# MoEfication at GPT-J size: sparse FFN vs dense, clustering vs the sklearn reference, HDF5 overhead (~6 min)
+# MoEfication at GPT-J size: sparse FFN vs dense, clustering (at GPT-J size, and against
+# k-means-constrained and same-size k-means at gpt-j-tiny size), HDF5 overhead (~7 min)
 bench-moe: setup
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
 	$(PY) bench/moe_speed.py --threads 1
-	$(PY) bench/kmeans_reference.py
+	$(PY) bench/kmeans_reference.py --no-kmc --no-elki
+	$(PY) bench/kmeans_reference.py --rows 1024 --dim 256 --experts 32
 	$(PY) bench/hdf5_overhead.py
 	$(PY) bench/compressed_speed.py
 

@@ -16,7 +16,7 @@ cluster sizes, noise from light to heavy). Prints, per layer, the mean cosine of
 their expert centroid and the wall time of each method.
 
     python bench/kmeans_reference.py --model artifacts/ReluModel/<version> --experts 32
-    python bench/kmeans_reference.py --rows 16384 --dim 4096 --experts 512 --kmc-init 1 --kmc-max-iter 10 --no-elki
+    python bench/kmeans_reference.py --rows 16384 --dim 4096 --experts 512 --no-kmc --no-elki
 """
 from __future__ import annotations
 
@@ -94,7 +94,10 @@ def same_size_kmeans(rows: np.ndarray, k: int, seed: int = 0, max_iter: int = 50
 
 
 def kmeans_constrained(rows: np.ndarray, k: int, seed: int, n_init: int, max_iter: int) -> np.ndarray:
-    from k_means_constrained import KMeansConstrained
+    try:
+        from k_means_constrained import KMeansConstrained
+    except ImportError:
+        sys.exit("k-means-constrained is a bench dependency: .venv/bin/pip install -e '.[bench]' (or pass --no-kmc)")
 
     size = len(rows) // k
     return KMeansConstrained(n_clusters=k, size_min=size, size_max=size, random_state=seed, n_init=n_init,
@@ -127,12 +130,13 @@ def main() -> None:
     p.add_argument("--kmc-init", type=int, default=10, help="k-means-constrained's n_init (its default: 10)")
     p.add_argument("--kmc-max-iter", type=int, default=300, help="k-means-constrained's max_iter (its default: 300)")
     p.add_argument("--no-elki", action="store_true", help="leave out the same-size k-means reference (slow in Python)")
+    p.add_argument("--no-kmc", action="store_true", help="leave out k-means-constrained (min-cost flow: slow at GPT-J size)")
     args = p.parse_args()
     methods = {
         "ours": lambda x: balanced_kmeans(x, args.experts, seed=args.seed),
         "ours, no swaps": lambda x: balanced_kmeans(x, args.experts, seed=args.seed, swap_rounds=0),
-        "k-means-constrained": lambda x: kmeans_constrained(x, args.experts, args.seed, args.kmc_init,
-                                                            args.kmc_max_iter),
+        **({} if args.no_kmc else {"k-means-constrained": lambda x: kmeans_constrained(
+            x, args.experts, args.seed, args.kmc_init, args.kmc_max_iter)}),
         **({} if args.no_elki else {"same-size k-means": lambda x: same_size_kmeans(x, args.experts, args.seed)}),
         "random split": lambda x: random_split(len(x), args.experts, seed=args.seed),
     }

@@ -39,8 +39,10 @@ class PipelineLM(TemplateLM):
                 raise ValueError("bmcook: give path=<a model or FinalCompressed artifact directory>")
             directory = generate.resolve(Path(path))
             model = generate.load_model(directory, moe_path)
-            tokenizer = tokenizer or next(p / generate.TOKENIZER for p in (directory, directory.parent, Path(path))
-                                          if (p / generate.TOKENIZER).is_file())
+            found = [p / generate.TOKENIZER for p in (directory, Path(path)) if (p / generate.TOKENIZER).is_file()]
+            if tokenizer is None and not found:
+                raise ValueError(f"bmcook: {path} has no {generate.TOKENIZER}; give tokenizer=<its tokenizer.json>")
+            tokenizer = tokenizer or found[0]
         self.model = model.eval()
         self.tokenizer = data.load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self._max_length = int(max_length or model.config.n_positions)
@@ -123,9 +125,9 @@ def evaluate_rows(rows: list[tuple[str, object]], tokenizer: Path, tasks: list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lm_eval.__main__ import cli_evaluate
-
     import sys
+
+    from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
