@@ -123,7 +123,6 @@ def cluster_layers(weights, num_expert: int, method: str = "balanced_kmeans", se
     """(tensors for clusters.safetensors, metrics): per layer, expert labels and centroids (of
     the fc_in rows, whatever was clustered); the layers ``cluster_share`` did not find in
     ``resume`` are clustered here."""
-    check_method(method, features)
     results = cluster_share(weights, num_expert, method, seed, iterations, features, resume, device=device)
     tensors, cosine, baseline, seconds, shape = {}, [], [], [], None
     for i in range(len(weights)):
