@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.losses import lm_and_soft_ce
 from pipeline.models.gptj import lm_forward
 
 
@@ -62,18 +63,27 @@ class Distiller(nn.Module):
 
     def forward(self, input_ids, targets):
         c = self.config
-        loss, out = self.forward_fn(self.model, input_ids, targets, output_states=c.needs_states)
-        parts = {"lm": loss.detach()}
+        fused = self.forward_fn is lm_forward
+        if fused:
+            out = self.model(input_ids, output_states=c.needs_states)
+        else:
+            loss, out = self.forward_fn(self.model, input_ids, targets, output_states=c.needs_states)
         with torch.no_grad():
             t_out = self.teacher[0](input_ids, output_states=c.needs_states)
         logits = out.logits if c.needs_states else out
         t_logits = t_out.logits if c.needs_states else t_out
         kd = logits.new_zeros((), dtype=torch.float32)
+        if fused:  # the student's LM loss and the logits term in one pass over the logits
+            loss, lm, ce = lm_and_soft_ce(logits, targets, t_logits if c.ce_logits else None, c.temp,
+                                          kd_weight=c.loss_scale * c.ce_logits)
+            parts = {"lm": lm}
+        else:  # forward_fn's own loss
+            parts = {"lm": loss.detach()}
+            if c.ce_logits:
+                term, _, ce = lm_and_soft_ce(logits, targets, t_logits, c.temp, kd_weight=c.ce_logits, lm_weight=0.0)
+                kd = kd + term
         if c.ce_logits:
-            soft = F.softmax(t_logits.float() / c.temp, dim=-1)
-            ce = -(soft * F.log_softmax(logits.float() / c.temp, dim=-1)).sum(-1).mean() * c.temp**2
-            parts["kd_ce_logits"] = ce.detach()
-            kd = kd + c.ce_logits * ce
+            parts["kd_ce_logits"] = ce
         if c.needs_states:
             hs, ths = out.hidden_states, t_out.hidden_states
             terms = {

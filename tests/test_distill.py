@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.distill import BMDistill, DistillConfig, layer_map
+from pipeline.losses import lm_and_soft_ce
 from pipeline.models.gptj import lm_forward
 from pipeline.models import GPTJ, get_preset
 
@@ -116,3 +117,29 @@ def test_config_flags():
     assert not DistillConfig().active
     assert DistillConfig(ce_logits=1).active and not DistillConfig(ce_logits=1).needs_states
     assert DistillConfig(mse_att=1).needs_states
+
+
+@pytest.mark.parametrize("temp,kd_weight,lm_weight", [(1.0, 1.0, 1.0), (2.0, 0.7, 1.0), (1.5, 2.0, 0.0)])
+def test_fused_losses_equal_their_definitions(temp, kd_weight, lm_weight):
+    """lm_and_soft_ce: the cross-entropy and the soft cross-entropy (x temp**2), values and gradients
+    as autograd gives them for the written-out formulas, over blocks of rows that do not divide the count."""
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(2, 37, 300) * 3, torch.randn(2, 37, 300) * 3
+    targets = torch.randint(0, 300, (2, 37))
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    lm = F.cross_entropy(a.flatten(0, 1), targets.flatten())
+    kd = -(F.softmax(teacher / temp, -1) * F.log_softmax(a / temp, -1)).sum(-1).mean() * temp**2
+    (3.0 * (lm_weight * lm + kd_weight * kd)).backward()
+    total, lm2, kd2 = lm_and_soft_ce(b, targets, teacher, temp, kd_weight, lm_weight)
+    (3.0 * total).backward()
+    assert torch.allclose(lm2, lm, rtol=1e-6) and torch.allclose(kd2, kd, rtol=1e-6)
+    assert torch.allclose(total, lm_weight * lm + kd_weight * kd, rtol=1e-6)
+    assert torch.allclose(b.grad, a.grad, rtol=1e-5, atol=1e-9)
+    assert not lm2.requires_grad and not kd2.requires_grad
+
+
+def test_fused_lm_loss_without_teacher():
+    torch.manual_seed(1)
+    logits, targets = torch.randn(50, 64), torch.randint(0, 64, (50,))
+    total, lm, kd = lm_and_soft_ce(logits, targets)
+    assert torch.allclose(total, F.cross_entropy(logits, targets), rtol=1e-6) and kd == 0

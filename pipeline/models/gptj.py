@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.losses import lm_and_soft_ce
+
 from .config import GPTJConfig
 
 
@@ -162,5 +164,5 @@ def lm_forward(model, input_ids, targets, output_states=False):
     """The plain language-model forward: (cross-entropy loss, model output)."""
     out = model(input_ids, output_states=output_states)
     logits = out.logits if output_states else out
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    loss, _, _ = lm_and_soft_ce(logits, targets)
     return loss, out
