@@ -5,7 +5,8 @@ distillation mixes, each a real stage run (published like any other, so reruns r
 
 Runs ``luigi --module tasks FinalCompressed`` with ``--FinalCompressed-steps N`` for every N (and
 the configured mix), then once per ``--mix`` setting at the configured steps, and prints, per run,
-the perplexity against the teacher as trained and as deployed (the int8 compressed model).
+the perplexity against the teacher as trained and as deployed (the int8 compressed model), and the
+fidelity to the teacher as trained (KL, top-1 agreement, greedy agreement out of 32).
 Any further arguments go to luigi (e.g. ``--FinalCompressed-moe false``).
 """
 from __future__ import annotations
@@ -37,12 +38,13 @@ def main() -> None:
     for setting in args.mix:
         name, _, value = setting.partition("=")
         runs.append((setting, [f"--FinalCompressed-{name.replace('_', '-')}", value]))
-    print(f"{'run':28s} {'as trained':>11s} {'deployed':>9s}   (perplexity / teacher's)")
+    print(f"{'run':28s} {'as trained':>11s} {'deployed':>9s} {'KL':>7s} {'top-1':>6s} {'greedy':>6s}   "
+          f"(perplexity / teacher's)")
     for label, flags in runs:
         m = run([*flags, *extra])
         deployed = m.get("compressed_perplexity_ratio")
         print(f"{label:28s} {m['perplexity_ratio']:10.4f}x {deployed if deployed is None else f'{deployed:.4f}x':>9}"
-              f"   {m['variant']}", flush=True)
+              f" {m['kl']:7.4f} {m['top1_agreement']:6.3f} {m['greedy_agreement']:6.1f}   {m['variant']}", flush=True)
 
 
 if __name__ == "__main__":

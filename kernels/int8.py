@@ -12,8 +12,8 @@ The arithmetic follows ../shared/reference/int8-gemm-spec.md (read from cpm_kern
 * backward: a straight-through estimator that quantizes the gradient per row (for A) or per
   column (for B) after multiplying it by the other operand's scales, see ``_Int8BMM.backward``
   (``grad="int8"``, cpm_kernels'); or, with ``grad="float"``, the straight-through estimator in
-  the operands' precision: the gradients of the dequantized product, ``G @ B_q^T`` and
-  ``A_q^T @ G``. The int8 gradient keeps, per output neuron, one scale over every token of the
+  the operands' precision (in the forward's autocast precision when it ran under autocast): the
+  gradients of the dequantized product, ``G @ B_q^T`` and ``A_q^T @ G``. The int8 gradient keeps, per output neuron, one scale over every token of the
   batch, so most tokens' contributions round to zero: fine-tuning a trained gpt-j-tiny with it
   raised its perplexity from 49.8 to 58.4 in 60 steps, where the float estimator lowered it.
 
@@ -203,6 +203,8 @@ class _Int8BMM(torch.autograd.Function):
         out = rescale(int_matmul(q_a, q_b, backend), s_a, s_b, fp16=half)
         ctx.save_for_backward(s_a, q_a, s_b, q_b)
         ctx.meta = (aT, bT, backend, A.shape[0], B.shape[0], A.dtype, B.dtype, grad)
+        device = A.device.type  # the float backward's products run in the forward's autocast precision
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return out
 
     @staticmethod
@@ -211,7 +213,9 @@ class _Int8BMM(torch.autograd.Function):
         aT, bT, backend, batch_a, batch_b, dtype_a, dtype_b, mode = ctx.meta
         g = grad.float()  # fp16 for fp16 operands, as the spec's G; wider operands keep their precision
         if mode == "float":
-            return _float_backward(ctx, g) + (None, None, None, None)
+            device, dtype, enabled = ctx.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                return _float_backward(ctx, g) + (None, None, None, None)
         half = grad.dtype == torch.float16
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:

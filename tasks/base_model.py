@@ -74,3 +74,12 @@ class BaseModel(TrainingStage):
         build.metrics.update({"valid_loss": round(result["loss"], 5), "valid_perplexity": round(result["perplexity"], 4),
                               "valid_tokens": result["tokens"],
                               "parameters": checkpoint_config(build.path).num_params()})
+
+
+def recorded_perplexity(artifact, seq_len: int, eval_tokens: int) -> float | None:
+    """The validation perplexity a BaseModel ``artifact`` recorded, when it was measured with these
+    windows and this many tokens (the same evaluation gives the same number); else None."""
+    params = artifact.manifest["params"]
+    if params.get("seq_len") == seq_len and params.get("eval_tokens") == eval_tokens:
+        return artifact.metrics["valid_perplexity"]
+    return None

@@ -14,7 +14,7 @@ import shutil
 
 import luigi
 
-from tasks.base_model import BaseModel
+from tasks.base_model import BaseModel, recorded_perplexity
 from tasks.corpus import Corpus
 from tasks.ranks import evaluate
 from tasks.pruning_masks import PruningMasks
@@ -111,13 +111,18 @@ class FinalCompressed(DistillingStage):
         metrics = {"variant": self.variant, "toggles": {t: getattr(self, t) for t in TOGGLES}, "moe_topk": topk,
                    "hf_bytes": (build.path / "model.safetensors").stat().st_size, "teacher_bytes": teacher_bytes}
         with build.timed("evaluate"):
-            # the trained model as it ran in training: int8 GEMMs, routed FFNs
-            jobs = [job("teacher", from_pretrained, path=str(base.path)),
-                    job(self.variant, as_trained, path=str(build.path), moe_topk=topk, int8=self.int8)]
-            results = evaluate(build, jobs, valid, self.seq_len, self.eval_tokens)
-            teacher, ppl = results["teacher"]["perplexity"], results[self.variant]["perplexity"]
-            metrics.update(teacher_valid_perplexity=round(teacher, 4), valid_perplexity=round(ppl, 4),
-                           perplexity_ratio=round(ppl / teacher, 4))
+            # the trained model as it ran in training (int8 GEMMs, routed FFNs), and its fidelity to the teacher
+            reference = job("teacher", from_pretrained, path=str(base.path))
+            teacher = recorded_perplexity(base, self.seq_len, self.eval_tokens)
+            jobs = [job(self.variant, as_trained, path=str(build.path), moe_topk=topk, int8=self.int8)]
+            results = evaluate(build, jobs + ([reference] if teacher is None else []), valid, self.seq_len,
+                               self.eval_tokens, reference=reference)
+            ours = results[self.variant]
+            teacher = teacher if teacher is not None else results["teacher"]["perplexity"]
+            metrics.update(teacher_valid_perplexity=round(teacher, 4), valid_perplexity=round(ours["perplexity"], 4),
+                           perplexity_ratio=round(ours["perplexity"] / teacher, 4), kl=round(ours["kl"], 5),
+                           top1_agreement=round(ours["top1_agreement"], 4),
+                           greedy_agreement=round(ours["greedy_agreement"], 2))
             if self.int8:
                 compressed = methods.use("compressed")
                 out = build.path / compressed.COMPRESSED_DIR

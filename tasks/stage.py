@@ -37,7 +37,7 @@ _read_project_config_first()
 
 
 class pipeline_settings(luigi.Config):
-    """The ``[pipeline]`` section: which model, which checkpoint, how many processes."""
+    """The ``[pipeline]`` section: which model, which checkpoint, how many processes, what precision."""
 
     @classmethod
     def get_task_family(cls):
@@ -48,6 +48,7 @@ class pipeline_settings(luigi.Config):
     nproc_per_node = luigi.IntParameter(description="torchrun processes per node")
     nnodes = luigi.IntParameter(description="torchrun nodes")
     rdzv_endpoint = luigi.Parameter(description="torchrun rendezvous host:port when nnodes > 1")
+    precision = luigi.Parameter(description="training compute precision: auto, fp32, bf16 or fp16")
 
     def world_size(self) -> int:
         """nproc_per_node x nnodes, checked, so that a run torchrun cannot start (or would wait for

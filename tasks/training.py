@@ -39,13 +39,14 @@ class TrainingStage(Stage):
         return [name for name in self.TRAINING if name not in self.unused_params()]
 
     def training_params(self) -> dict:
-        """The training parameters, checked, with the world size they run on."""
+        """The training parameters, checked, with the world size and the precision setting they run on."""
         params = {name: getattr(self, name) for name in self.training_flags()}
-        world = pipeline_settings().world_size()
+        settings = pipeline_settings()
+        world = settings.world_size()
         if self.batch_size % (world * self.grad_accum):
             raise ValueError(f"{self.stage_name} batch_size is {self.batch_size}, expected a multiple of grad_accum "
                              f"{self.grad_accum} x {world} rank(s) (each rank's micro-batches are equal)")
-        return {**params, "world_size": world}
+        return {**params, "world_size": world, "precision": checked_precision(settings.precision)}
 
     def check_inputs(self, inputs) -> None:
         from tasks.corpus import check_windows
@@ -78,10 +79,29 @@ class TrainingStage(Stage):
 
     def train(self, build, *args: str) -> None:
         """Run pipeline.train with ``args`` and this stage's training parameters; record its metrics."""
-        flags = [*args, "--log-interval", str(self.log_interval), "--save-interval", str(self.save_interval)]
+        flags = [*args, "--log-interval", str(self.log_interval), "--save-interval", str(self.save_interval),
+                 "--precision", training_precision()]
         for name in self.training_flags():
             flags += ["--" + name.replace("_", "-"), str(getattr(self, name))]
         build.metrics.update(run_training(build, flags, self.log_interval, self.ENTRY))
+
+
+def checked_precision(value: str) -> str:
+    from pipeline.precision import CHOICES
+
+    if value not in CHOICES:
+        raise ValueError(f"[pipeline] precision is {value!r}, expected one of {', '.join(CHOICES)}")
+    return value
+
+
+def training_precision() -> str:
+    """[pipeline] precision as the training ranks run it (``pipeline.precision``: auto is measured
+    here, once, so that every rank runs the same)."""
+    import torch
+
+    from pipeline.precision import resolve
+
+    return resolve(checked_precision(pipeline_settings().precision), "cuda" if torch.cuda.is_available() else "cpu")
 
 
 KD = ("kd_ce_logits", "kd_temp", "kd_mse_last_hidden", "kd_mse_hidden", "kd_loss_scale")  # BMDistill's terms
@@ -141,7 +161,7 @@ def run_training(build, train_args: list[str], log_interval: int, entry: str) ->
     return {
         "tokens_seen": log["tokens_seen"], "train_wall_time_s": log["wall_time_s"],
         "train_tokens_per_s": round(log["tokens_this_run"] / max(log["wall_time_s"], 1e-9), 1),
-        "world_size": log["world_size"], "sharding": log["sharding"],
+        "world_size": log["world_size"], "sharding": log["sharding"], "precision": log["precision"],
         "final_train_loss": log["loss"][-1][1],
         "loss_curve": [p for p in log["loss"] if p[0] % log_interval == 0 or p[0] == steps],
     }

@@ -45,6 +45,7 @@ RUNS = {
     "pipeline/launch.py": TRAINING | {"HiddenStates"},
     "pipeline/layerwise.py": CLUSTERING | ROUTERS,
     "pipeline/memory.py": TRAINING,
+    "pipeline/precision.py": TRAINING,  # the training command resolves it; stages resolve auto once for their ranks
     "pipeline/methods.py": EVERY,
     "pipeline/models/__init__.py": {"BaseModel"},
     "pipeline/models/config.py": EVERY,

@@ -77,3 +77,14 @@ def test_fidelity_to_itself_is_perfect_and_greedy_agreement_is_free_running_gene
     assert greedy_agreement(s, continuations, 6, 12) == pytest.approx(np.mean(free))
     assert results["student"]["greedy_agreement"] == pytest.approx(np.mean(free))
     assert 0 < np.mean(free) < 12, "a case where they part somewhere in between"
+
+
+def test_a_base_models_recorded_perplexity_is_reused_only_for_the_same_evaluation():
+    from types import SimpleNamespace
+
+    from tasks.base_model import recorded_perplexity
+
+    base = SimpleNamespace(manifest={"params": {"seq_len": 128, "eval_tokens": 65536}},
+                           metrics={"valid_perplexity": 48.68})
+    assert recorded_perplexity(base, 128, 65536) == 48.68
+    assert recorded_perplexity(base, 64, 65536) is None and recorded_perplexity(base, 128, 4096) is None

@@ -33,6 +33,11 @@ def test_the_combination_trains_with_every_method(chain):
     assert abs(m["compressed_valid_perplexity"] / m["valid_perplexity"] - 1) < 0.02
     assert abs(m["compressed_exact_valid_perplexity"] / m["valid_perplexity"] - 1) < 0.005
     assert m["compressed_size_ratio"] < 0.35 and m["compressed_bytes"] < 0.35 * m["teacher_bytes"]
+    # fidelity to the teacher (the smoke BaseModel evaluated other windows, so the teacher was evaluated again)
+    _, base = artifact(chain, "BaseModel")
+    assert base["params"]["eval_tokens"] != manifest["params"]["eval_tokens"]
+    assert m["teacher_valid_perplexity"] != base["metrics"]["valid_perplexity"]
+    assert m["kl"] > 0 and 0 < m["top1_agreement"] < 1 and 0 <= m["greedy_agreement"] <= 32
     for name in ("config.json", "model.safetensors", "tokenizer.json", "clusters.safetensors", "routers.safetensors",
                  "compressed/config.json", "compressed/model.int8.safetensors", "compressed/routers.safetensors",
                  "compressed/experts.safetensors", "compressed/tokenizer.json"):

@@ -86,3 +86,33 @@ def test_torchrun_command():
                        "-m", "pipeline.train", "--steps", "3"]
     multi = launch.torchrun_command([], 8, nnodes=2, rdzv_endpoint="host:29500")
     assert "--rdzv_endpoint=host:29500" in multi and "--standalone" not in multi
+
+
+def test_auto_precision_picks_bf16_on_a_cpu_only_where_it_measures_clearly_faster():
+    from pipeline.precision import resolve
+
+    assert resolve("auto", "cuda") == "bf16"
+    assert resolve("auto", "cpu", timings=lambda: (3.0, 1.0)) == "bf16"  # native bf16 dot products
+    assert resolve("auto", "cpu", timings=lambda: (1.0, 1.2)) == "fp32"  # bf16 emulated: slower
+    assert resolve("auto", "cpu", timings=lambda: (1.2, 1.0)) == "fp32"  # within the noise: fp32
+    assert resolve("fp32", "cpu", timings=lambda: (9.0, 1.0)) == "fp32"
+    with pytest.raises(ValueError, match="precision 'fp8' is not one of auto, fp32, bf16, fp16"):
+        resolve("fp8", "cpu")
+
+
+def test_qat_float_backward_runs_in_the_forwards_autocast_precision():
+    from kernels.gemm import linear
+
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 96, requires_grad=True), torch.randn(48, 96, requires_grad=True)
+    g = torch.randn(64, 48)
+    linear(x, w, int8=True, grad="float").backward(g)
+    fp32 = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x, w, int8=True, grad="float")
+    y.backward(g)
+    for ours, ref in zip((x.grad, w.grad), fp32):
+        assert ours.dtype == torch.float32
+        assert not torch.equal(ours, ref), "the products ran in bf16"
+        torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())

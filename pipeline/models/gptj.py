@@ -56,9 +56,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, T, hd)
-        # like HF, attention is computed in fp32 so fp16 models do not overflow
+        # like HF, attention is computed in fp32 so fp16 models do not overflow (autocast would cast it back)
         if probs_out is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # distillation wants the attention probabilities themselves
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
