@@ -72,17 +72,37 @@ def load_model(path: Path, moe_path: str = "auto"):
 
 
 @torch.no_grad()
-def generate(model, ids: list[int], new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
-    """``ids`` extended by ``new_tokens`` tokens (the window slides at the model's n_positions)."""
+def generate(model, ids: list[int], new_tokens: int, temperature: float = 0.0, seed: int = 0,
+             kv_cache: bool = True, stats: dict | None = None) -> list[int]:
+    """``ids`` extended by ``new_tokens`` tokens. With ``kv_cache`` the prompt is prefilled once and
+    each new token then runs alone against the static KV cache; without, every token recomputes
+    the window. Either way the window slides at the model's n_positions (with the cache full, the
+    last n_positions tokens are prefilled again: what the recompute does). ``stats`` receives
+    the prefill's and the decoding's tokens and seconds."""
     gen = torch.Generator().manual_seed(seed)
-    ids = list(ids)
-    for _ in range(new_tokens):
-        window = torch.tensor([ids[-model.config.n_positions:]])
-        logits = model(window)[0, -1].float()
+    ids, limit = list(ids), model.config.n_positions
+    if kv_cache:
+        model.setup_caches(1, min(limit, len(ids) + new_tokens))
+    cached, times = 0, {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+    for step in range(new_tokens):
+        start = time.perf_counter()
+        if kv_cache and 0 < cached < limit:  # one token at the next position
+            logits = model(torch.tensor([ids[-1:]]), input_pos=torch.tensor([cached]))[0, -1]
+            cached += 1
+        else:  # the whole window: the first step, every step without the cache, and a full cache's
+            window = ids[-limit:]
+            logits = model(torch.tensor([window]), **({"input_pos": torch.arange(len(window))} if kv_cache else {}))[0, -1]
+            cached = len(window)
+        phase = "decode" if step else "prefill"  # the prompt's tokens, then one new token per step
+        times[f"{phase}_tokens"] += 1 if step else len(window)
+        times[f"{phase}_s"] += time.perf_counter() - start
+        logits = logits.float()
         if temperature > 0:
             ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)))
         else:
             ids.append(int(logits.argmax()))
+    if stats is not None:
+        stats.update(times)
     return ids
 
 
@@ -106,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, help=f"a tokenizers JSON file (default: the model directory's {TOKENIZER})")
     p.add_argument("--threads", type=cli.non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--kv-cache", choices=("on", "off"), default="on",
+                   help="decode with a static KV cache (on), or recompute the whole window for every token (off)")
     p.add_argument("--moe-path", choices=tuple(MOE_PATHS), default="auto",
                    help="MoE FFNs: the chosen experts only (sparse), every neuron masked (dense), or by the share "
                         "of experts a call uses, from the crossover measured at export (auto)")
@@ -129,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
         raise UsageError("--prompt encodes to no tokens; give some text")
-    start = time.perf_counter()
-    ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.seed)
-    seconds = time.perf_counter() - start
+    stats: dict = {}
+    ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.seed, args.kv_cache == "on", stats)
     print(tokenizer.decode(ids))
     moe = isinstance(model.transformer.h[0].mlp, (Int8MoEFFN, MoEFFN))
     kind = ("int8" if is_compressed(path) else "dense fp32") + (" MoE" if moe else "")
-    print(f"--- {args.max_new_tokens} new tokens in {seconds:.2f} s: {args.max_new_tokens / seconds:.1f} tokens/s "
-          f"({kind} model from {path})")
+    decode = (f"decode {stats['decode_tokens']} tokens at {stats['decode_tokens'] / stats['decode_s']:.1f} tokens/s"
+              if stats["decode_tokens"] else "no decode step")
+    print(f"--- prefill {stats['prefill_tokens']} tokens at {stats['prefill_tokens'] / stats['prefill_s']:.1f} tokens/s, "
+          f"{decode} (KV cache {args.kv_cache}; {kind} model from {path})")
     return 0
 
 

@@ -294,6 +294,7 @@ CASES = {
     "67": luigi("Report", "--Report-harness-tasks", "nosuch_task"),
     "68": luigi("Report", "--Report-harness-tasks", "local_mc", "--Report-harness-include", "/nonexistent"),
     "69": luigi("BaseModel", "--pipeline-precision", "fp8"),
+    "70": module("pipeline.generate", "--model", "{d}", "--prompt", "hi", "--kv-cache", "maybe"),
 }
 SETUP = {"10": fake_corpus_artifact, "11": fake_corpus_artifact, "29": fake_corpus_artifact}
 PUBLISHED = {"46": {"Corpus"}, "47": {"Corpus"}}  # built on purpose before the refused run

@@ -2,6 +2,7 @@
 QAT trained, it is small, and pipeline.generate runs it."""
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -97,7 +98,8 @@ def test_generate_runs_the_compressed_model(relu_model_and_checkpoint, tmp_path)
     run = commands.run([sys.executable, "-m", "pipeline.generate", "--model", str(tmp_path / "artifact"),
                         "--prompt", "abc", "--max-new-tokens", "5"])
     lines = run.stdout.strip().splitlines()
-    assert "5 new tokens" in lines[-1] and "tokens/s (int8 MoE model from" in lines[-1]
+    assert re.fullmatch(r"--- prefill 3 tokens at [0-9.]+ tokens/s, decode 4 tokens at [0-9.]+ tokens/s "
+                        r"\(KV cache on; int8 MoE model from .*\)", lines[-1]), lines[-1]
     assert lines[0].replace(" ", "").startswith("abc") and len(lines[0].replace(" ", "")) >= 3
     bad = subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", str(tmp_path / "nowhere"),
                           "--prompt", "abc"], capture_output=True, text=True)

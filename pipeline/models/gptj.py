@@ -49,17 +49,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.out_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, probs_out=None):
+    def forward(self, x, cos, sin, probs_out=None, input_pos=None):
         B, T, D = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, T, hd)
+        mask, causal = None, True
+        if input_pos is not None:  # decoding: these tokens' keys and values join the cache's
+            k, v, mask = self.kv_cache.update(input_pos, k, v)
+            causal = False
         # like HF, attention is computed in fp32 so fp16 models do not overflow (autocast would cast it back)
         if probs_out is None:
             with torch.autocast(x.device.type, enabled=False):
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         else:  # distillation wants the attention probabilities themselves
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -68,6 +72,26 @@ class Attention(nn.Module):
             y = probs @ v
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, D)
         return self.out_proj(y)
+
+
+class KVCache:
+    """A layer's keys and values for positions 0 .. max_len - 1, preallocated (fp32, as attention
+    computes). ``update`` writes new tokens at their positions and returns the keys and values up
+    to the last of them, with the mask of which each new token may attend to (None when every new
+    token attends to all of them: one token, or a prefill from position 0)."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device):
+        self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k[:, :, input_pos], self.v[:, :, input_pos] = k, v
+        end = int(input_pos[-1]) + 1
+        keys, values = self.k[:, :, :end], self.v[:, :, :end]
+        if len(input_pos) == 1:
+            return keys, values, None
+        mask = torch.arange(end, device=k.device)[None, :] <= input_pos[:, None]  # (T, end): causal
+        return keys, values, mask
 
 
 class MLP(nn.Module):
@@ -93,10 +117,10 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, probs_out=None):
+    def forward(self, x, cos, sin, probs_out=None, input_pos=None):
         # GPT-J: attention and MLP run in parallel on the same normalised input
         h = self.ln_1(x)
-        return self.attn(h, cos, sin, probs_out) + self.mlp(h) + x
+        return self.attn(h, cos, sin, probs_out, input_pos) + self.mlp(h) + x
 
 
 class GPTJ(nn.Module):
@@ -137,18 +161,29 @@ class GPTJ(nn.Module):
         self.rope = rotary_table(self.config.n_positions, self.config.rotary_dim).to(device)
         return self
 
-    def forward(self, input_ids, output_states=False):
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        """Give every attention layer a static KV cache for ``batch`` sequences of up to ``max_len``
+        positions (at most n_positions); ``forward(..., input_pos=...)`` then decodes with them."""
+        if not 0 < max_len <= self.config.n_positions:
+            raise ValueError(f"a KV cache of {max_len} positions: expected 1 to n_positions {self.config.n_positions}")
+        device = self.transformer.ln_f.weight.device
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch, self.config.n_head, max_len, self.config.head_dim, device)
+
+    def forward(self, input_ids, output_states=False, input_pos=None):
         """input_ids: (B, T) int64 -> logits (B, T, vocab) in the model's dtype; with
         ``output_states`` a ModelOutput that also holds the hidden states (the embeddings, then
-        every block's output) and every layer's attention probabilities (B, H, T, T)."""
+        every block's output) and every layer's attention probabilities (B, H, T, T). With
+        ``input_pos`` (T,), the tokens' positions, they attend to what the KV caches
+        (``setup_caches``) hold before them, and their keys and values are added there."""
         B, T = input_ids.shape
         if T > self.config.n_positions:
             raise ValueError(f"sequence length {T} exceeds n_positions {self.config.n_positions}")
         x = self.transformer.wte(input_ids)
-        cos, sin = self.rope[:, :T].to(x.dtype)
+        cos, sin = (self.rope[:, :T] if input_pos is None else self.rope[:, input_pos]).to(x.dtype)
         hidden, probs = ([x], []) if output_states else (None, None)
         for block in self.transformer.h:
-            x = block(x, cos, sin, probs)
+            x = block(x, cos, sin, probs, input_pos)
             if output_states:
                 hidden.append(x)
         logits = self.lm_head(self.transformer.ln_f(x))

@@ -84,27 +84,41 @@ def swap_pass(scores: torch.Tensor, labels: torch.Tensor, k: int) -> int:
 
 
 def balanced_kmeans(rows, num_expert: int, seed: int = 0, iterations: int = 30, swap_rounds: int = 10,
-                    device: str | torch.device = "cpu") -> np.ndarray:
+                    restarts: int = 1, device: str | torch.device = "cpu") -> np.ndarray:
     """One expert label per row (numpy int array), every expert holding exactly
     ``len(rows) / num_expert`` rows; deterministic for a seed (and a device). Each iteration's
     balanced assignment is refined by up to ``swap_rounds`` rounds of pairwise exchanges
-    (``swap_pass``), as same-size k-means does, before the centroids move."""
+    (``swap_pass``), as same-size k-means does, before the centroids move. With ``restarts`` > 1,
+    k-means runs from that many seedings (the first the one ``restarts=1`` uses) and the split
+    whose rows are closest to their centroids (mean cosine) is kept, as k-means libraries'
+    ``n_init`` does."""
     x = F.normalize(torch.as_tensor(rows, dtype=torch.float32).to(device), dim=1)
     size = check_experts(len(x), num_expert)
     gen = torch.Generator().manual_seed(seed)
-    centroids = _init_centroids(x, num_expert, gen)
+    best, best_score = None, -float("inf")
+    for _ in range(restarts):
+        labels = _kmeans_run(x, num_expert, size, gen, iterations, swap_rounds)
+        score = float((x * _centroids(x, labels, num_expert)[labels]).sum())
+        if score > best_score:
+            best, best_score = labels, score
+    return best.cpu().numpy()
+
+
+def _kmeans_run(x: torch.Tensor, k: int, size: int, gen: torch.Generator, iterations: int,
+                swap_rounds: int) -> torch.Tensor:
+    centroids = _init_centroids(x, k, gen)
     labels = None
     for _ in range(iterations):
         scores = x @ centroids.T
         new = balanced_assign(scores, size)
-        for _ in range(swap_rounds if num_expert > 1 else 0):
-            if swap_pass(scores, new, num_expert) == 0:
+        for _ in range(swap_rounds if k > 1 else 0):
+            if swap_pass(scores, new, k) == 0:
                 break
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
-        centroids = _centroids(x, labels, num_expert)
-    return labels.cpu().numpy()
+        centroids = _centroids(x, labels, k)
+    return labels
 
 
 def coactivation_rows(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
