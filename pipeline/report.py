@@ -11,29 +11,43 @@ import torch
 
 from pipeline.evaluate import NEW_TOKENS as GREEDY_TOKENS, PROMPTS as GREEDY_PROMPTS
 
-SPEED_TOKENS = (1, 16)
+PREFILL_TOKENS = (16, 128)  # prompt lengths whose prefill is timed
+DECODE_CONTEXT, DECODE_TOKENS = 128, 16  # batch-1 decoding: this many tokens after a prompt this long
+SPEEDS = tuple(f"prefill_{n}" for n in PREFILL_TOKENS) + ("decode",)
+
+
+def _decode(model, prompt: torch.Tensor, steps: int) -> float:
+    """Seconds per token of ``steps`` cached decoding steps after prefilling ``prompt``."""
+    model.setup_caches(1, prompt.shape[1] + steps)
+    model(prompt, input_pos=torch.arange(prompt.shape[1]))
+    token = prompt[:, -1:]
+    start = time.perf_counter()
+    for p in range(prompt.shape[1], prompt.shape[1] + steps):
+        token = model(token, input_pos=torch.tensor([p]))[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / steps
 
 
 @torch.no_grad()
-def tokens_per_second(models: dict, vocab: int, lengths=SPEED_TOKENS, rounds: int = 7, calls: int = 10,
-                      seed: int = 0) -> dict[str, dict[int, float]]:
-    """CPU tokens per second of one forward over ``n`` tokens (one sequence), for every model and
-    ``n`` in ``lengths``. The models take turns within every round (so machine noise hits all
-    alike); each figure is the median over rounds of ``calls`` calls."""
+def serving_speed(models: dict, vocab: int, rounds: int = 7, calls: int = 3, seed: int = 0) -> dict[str, dict]:
+    """CPU tokens per second of every model as served: the prefill of one prompt of each length
+    in ``PREFILL_TOKENS``, and batch-1 decoding with the KV cache (``DECODE_TOKENS`` tokens after
+    a ``DECODE_CONTEXT``-token prompt, shortened to fit n_positions). The models take turns within
+    every round (so machine noise hits all alike); each figure is the median over rounds."""
     gen = torch.Generator().manual_seed(seed)
-    inputs = {n: torch.randint(0, vocab, (1, n), generator=gen) for n in lengths}
-    times: dict = {name: {n: [] for n in lengths} for name in models}
-    for model in models.values():  # warm-up: packing, allocator, first-call dispatch
-        for ids in inputs.values():
-            model(ids)
-    for _ in range(rounds):
+    first = next(iter(models.values()))
+    context = min(DECODE_CONTEXT, first.config.n_positions - DECODE_TOKENS)
+    prompts = {n: torch.randint(0, vocab, (1, min(n, first.config.n_positions)), generator=gen) for n in PREFILL_TOKENS}
+    context_ids = torch.randint(0, vocab, (1, context), generator=gen)
+    times: dict = {name: {k: [] for k in SPEEDS} for name in models}
+    for _ in range(rounds + 1):  # the first round warms up: packing, allocator, first-call dispatch
         for name, model in models.items():
-            for n, ids in inputs.items():
+            for n, ids in prompts.items():
                 start = time.perf_counter()
                 for _ in range(calls):
                     model(ids)
-                times[name][n].append((time.perf_counter() - start) / calls)
-    return {name: {n: n / float(np.median(t)) for n, t in per.items()} for name, per in times.items()}
+                times[name][f"prefill_{n}"].append(ids.shape[1] * calls / (time.perf_counter() - start))
+            times[name]["decode"].append(1.0 / _decode(model, context_ids, DECODE_TOKENS))
+    return {name: {k: float(np.median(v[1:])) for k, v in per.items()} for name, per in times.items()}
 
 
 FIDELITY = ("kl", "top1_agreement", "greedy_agreement")  # against the teacher (pipeline.evaluate.run_jobs)
@@ -41,8 +55,8 @@ FIDELITY = ("kl", "top1_agreement", "greedy_agreement")  # against the teacher (
 
 def measure_rows(teacher, rows, evaluations: dict[str, dict], vocab: int, rounds: int) -> list[dict]:
     """Per row ``(name, job, bytes, what)`` (the first row is the teacher's): its perplexity and
-    fidelity to the teacher (from ``evaluations``), and its speed measured in turns with the
-    teacher's (``tokens_per_second`` on the pair). One variant is
+    fidelity to the teacher (from ``evaluations``), and its serving speed measured in turns with
+    the teacher's (``serving_speed`` on the pair). One variant is
     loaded (``pipeline.evaluate.load_job_model``) at a time and freed before the next, so that no
     more than two models, the teacher and it, are ever held."""
     import gc
@@ -55,10 +69,10 @@ def measure_rows(teacher, rows, evaluations: dict[str, dict], vocab: int, rounds
         result = {"name": name, "perplexity": round(evaluations[name]["perplexity"], 4), "bytes": nbytes, "what": what,
                   **{k: round(evaluations[name][k], 5) for k in FIDELITY if k in evaluations[name]}}
         pair = {"teacher": teacher} if model is teacher else {"teacher": teacher, name: model}
-        speed = tokens_per_second(pair, vocab, rounds=rounds)
-        for n in SPEED_TOKENS:
-            result[f"tokens_per_s_{n}"] = round(speed[name][n], 1)
-            result[f"speed_ratio_{n}"] = round(speed[name][n] / speed["teacher"][n], 3)
+        speed = serving_speed(pair, vocab, rounds=rounds)
+        for k in SPEEDS:
+            result[f"{k}_tokens_per_s"] = round(speed[name][k], 1)
+            result[f"{k}_ratio"] = round(speed[name][k] / speed["teacher"][k], 3)
         results.append(result)
         del model, pair
         gc.collect()
@@ -215,14 +229,16 @@ def write_markdown(metrics: dict, out: Path, title: str) -> None:
     for r in rows:
         lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {r['control_ratio']:.3f}x | {r['perplexity_ratio']:.3f}x | "
                      f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['greedy_agreement']:.1f} / {GREEDY_TOKENS} |")
-    lines += ["", f"Size and speed: CPU tokens per second of one forward over a sequence of 1 and of 16 tokens, "
-              f"{metrics['threads']} torch threads, each model measured in turns with the teacher (median of "
-              f"{metrics['rounds']} rounds; one variant held at a time). Ratios are to the teacher.", "",
-              "| model | file size | vs teacher | tok/s (1) | vs teacher | tok/s (16) | vs teacher |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", f"Size and serving speed on the CPU, {metrics['threads']} torch threads: tokens per second of the "
+              f"prefill of a {PREFILL_TOKENS[0]}- and a {PREFILL_TOKENS[1]}-token prompt, and of batch-1 decoding "
+              f"with the KV cache ({DECODE_TOKENS} tokens after a {DECODE_CONTEXT}-token prompt); each model "
+              f"measured in turns with the teacher (median of {metrics['rounds']} rounds; one variant held at a "
+              f"time). Ratios are to the teacher.", "",
+              "| model | file size | vs teacher | prefill 16 tok/s | vs teacher | prefill 128 tok/s | vs teacher | "
+              "decode tok/s | vs teacher |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.3f}x | {r['tokens_per_s_1']:.0f} | "
-                     f"{r['speed_ratio_1']:.2f}x | {r['tokens_per_s_16']:.0f} | {r['speed_ratio_16']:.2f}x |")
+        speeds = " | ".join(f"{r[f'{k}_tokens_per_s']:.0f} | {r[f'{k}_ratio']:.2f}x" for k in SPEEDS)
+        lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.3f}x | {speeds} |")
     lines += harness_table(rows)
     lines += [""] + [f"- **{r['name']}**: {r['what']}" for r in rows] + [""]
     lines += [f"![{caption}]({name})" for name, caption in PLOTS.items()] + [""]
