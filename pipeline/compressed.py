@@ -165,7 +165,7 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
             (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
     files = [INT8_WEIGHTS] + ([ROUTERS, EXPERTS] if moe else [])
     return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"],
-            "dense_above": moe and moe["dense_above"]}
+            "sparse_matrices": sizes["sparse_matrices"], "dense_above": moe and moe["dense_above"]}
 
 
 def is_compressed(path) -> bool:

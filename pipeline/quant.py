@@ -20,11 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from kernels.gemm import GRADS, linear
 from kernels.int8 import int8_linear, scale_and_quantize
+from pipeline import sparse24
 from pipeline.models.config import GPTJConfig, checkpoint_config
 from pipeline.models.gptj import GPTJ
 
 INT8_WEIGHTS = "model.int8.safetensors"
-FORMAT = "bmcook-pipeline-int8/1"
+FORMAT = "bmcook-pipeline-int8/2"  # /2: 2:4-sparse matrices stored as kept values and positions
 
 
 class QATLinear(nn.Linear):
@@ -116,22 +117,31 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def export_int8(model: GPTJ, path: Path) -> dict:
     """Write ``config.json`` and the int8 weights (int8 + fp16 per-row scale for every linear layer
-    and the embedding, fp16 for LayerNorms and biases). Returns the byte size written."""
+    and the embedding, fp16 for LayerNorms and biases; a linear layer whose int8 weight is 2:4
+    sparse along its rows as its kept values and their positions, ``pipeline.sparse24``). Returns
+    the byte size written and the number of matrices stored 2:4."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    tensors, sparse = {}, 0
     quantized = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)} | {"transformer.wte"}
     for name, t in model.state_dict().items():
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf == "weight":
             q, s = quantize_rows(t.detach().float())
-            tensors[f"{module}.q_weight"], tensors[f"{module}.scale"] = q.contiguous(), s.contiguous()
+            tensors[f"{module}.scale"] = s.contiguous()
+            packed = sparse24.pack(q) if module != "transformer.wte" else None
+            if packed is None:
+                tensors[f"{module}.q_weight"] = q.contiguous()
+            else:
+                tensors[f"{module}.q_values"], tensors[f"{module}.q_index"] = packed
+                sparse += 1
         else:
             tensors[name] = t.detach().half().contiguous()
     save_file(tensors, str(path / INT8_WEIGHTS), metadata={"format": FORMAT})
-    config = model.config.to_hf_dict() | {"quantization": {"format": FORMAT, "weights": "int8, per-row fp16 scale"}}
+    config = model.config.to_hf_dict() | {"quantization": {
+        "format": FORMAT, "weights": "int8, per-row fp16 scale; 2:4-sparse ones as kept values and 2-bit positions"}}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"bytes": (path / INT8_WEIGHTS).stat().st_size}
+    return {"bytes": (path / INT8_WEIGHTS).stat().st_size, "sparse_matrices": sparse}
 
 
 def load_int8(path: Path) -> GPTJ:
@@ -142,6 +152,8 @@ def load_int8(path: Path) -> GPTJ:
     with torch.device("meta"):
         model = GPTJ(config)
     for name, module in list(model.named_modules()):
+        if f"{name}.q_values" in tensors:  # stored 2:4
+            tensors[f"{name}.q_weight"] = sparse24.unpack(tensors.pop(f"{name}.q_values"), tensors.pop(f"{name}.q_index"))
         if f"{name}.q_weight" not in tensors:
             continue
         q, s = tensors.pop(f"{name}.q_weight"), tensors.pop(f"{name}.scale")

@@ -70,6 +70,7 @@ RUNS = {
     "pipeline/processes.py": EVERY,
     "pipeline/prune.py": PRUNE,
     "pipeline/quant.py": INT8,
+    "pipeline/sparse24.py": INT8,
     "pipeline/report.py": {"Report"},
     "pipeline/resources.py": EVERY,
     "pipeline/resume.py": CLUSTERING | ROUTERS,

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import commands
+from pipeline import sparse24
 from pipeline.compressed import EXPERTS, Int8MoEFFN, QLinear, export_compressed, load_compressed
 from pipeline.moefication.routed import route_experts
 from pipeline.quant import BMQuant, Int8Linear, quantize_rows
@@ -64,7 +65,8 @@ def test_compressed_model_computes_what_qat_trained(relu_model_and_checkpoint, t
         perm = load_file(str(out / EXPERTS))["layer_000.permutation"].long()
         assert torch.equal(perm, torch.argsort(labels, stable=True))
         assert torch.equal(labels[perm], torch.arange(8).repeat_interleave(32)), "experts are contiguous"
-        q = load_file(str(out / "model.int8.safetensors"))["transformer.h.0.mlp.fc_in.q_weight"]
+        stored = load_file(str(out / "model.int8.safetensors"))  # 2:4 zeros: stored as kept values and positions
+        q = sparse24.unpack(stored["transformer.h.0.mlp.fc_in.q_values"], stored["transformer.h.0.mlp.fc_in.q_index"])
         assert bool((q[model.transformer.h[0].mlp.fc_in.weight[perm] == 0] == 0).all()), "pruned weights stay 0"
 
 
@@ -120,3 +122,28 @@ def test_int8_moe_sparse_and_dense_paths_agree(relu_model_and_checkpoint, tmp_pa
         fast = load_compressed(tmp_path / "c", dense_above=0.0)  # fbgemm over every neuron
         assert isinstance(fast.transformer.h[0].mlp.dense_in, Int8Linear)
         assert (fast(ids) - dense).abs().max() < 2 * (dense - model(ids)).abs().max()
+
+
+def test_2_4_weights_are_stored_as_kept_values_and_positions_and_load_exactly(relu_model_and_checkpoint, tmp_path):
+    from pipeline.prune import BMPrune
+
+    model, _ = relu_model_and_checkpoint
+    dense_sizes = export_compressed(model, tmp_path / "dense")
+    pruned = copy.deepcopy(model)
+    BMPrune.compute_mask(pruned, "m4n2_2d_greedy")
+    sizes = export_compressed(pruned, tmp_path / "sparse")
+    stored = load_file(str(tmp_path / "sparse" / "model.int8.safetensors"))
+    # every attention and FFN matrix of both layers (q, k, v, out, fc_in, fc_out), not the embedding or head
+    assert dense_sizes["sparse_matrices"] == 0 and sizes["sparse_matrices"] == 12
+    assert "transformer.h.0.mlp.fc_in.q_values" in stored and "transformer.h.0.mlp.fc_in.q_weight" not in stored
+    assert "lm_head.q_weight" in stored
+    assert sizes["weights_bytes"] < 0.8 * dense_sizes["weights_bytes"]
+    back = load_compressed(tmp_path / "sparse", exact=True)
+    for name, m in back.named_modules():
+        if isinstance(m, QLinear) and name.startswith("transformer.h.0.attn"):
+            q, _ = quantize_rows(pruned.get_submodule(name).weight.detach().float())
+            assert torch.equal(m.q_weight, q), name
+    q = torch.randint(-127, 128, (4, 16), dtype=torch.int8) * torch.tensor([1, 0, 0, 1] * 4, dtype=torch.int8)
+    q[0, :4] = 0  # a group with no nonzero
+    assert torch.equal(sparse24.unpack(*sparse24.pack(q)), q)
+    assert sparse24.pack(torch.ones(4, 16, dtype=torch.int8)) is None

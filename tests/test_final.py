@@ -33,6 +33,8 @@ def test_the_combination_trains_with_every_method(chain):
     assert abs(m["compressed_valid_perplexity"] / m["valid_perplexity"] - 1) < 0.02
     assert abs(m["compressed_exact_valid_perplexity"] / m["valid_perplexity"] - 1) < 0.005
     assert m["compressed_size_ratio"] < 0.35 and m["compressed_bytes"] < 0.35 * m["teacher_bytes"]
+    # masks searched in the experts' order stay 2:4 once the export permutes the neurons: all 6 matrices of both layers
+    assert m["compressed_sparse_matrices"] == 12
     # fidelity to the teacher (the smoke BaseModel evaluated other windows, so the teacher was evaluated again)
     _, base = artifact(chain, "BaseModel")
     assert base["params"]["eval_tokens"] != manifest["params"]["eval_tokens"]
