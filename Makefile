@@ -65,6 +65,7 @@ bench: setup
 	$(PY) bench/noop_rerun.py
 	$(PY) bench/int8.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/step_costs.py
 	$(PY) bench/masks.py
 
 # MoEfication at GPT-J size: sparse FFN vs dense, clustering (at GPT-J size, and against

@@ -9,7 +9,17 @@ choose the same experts):
 * int8: fbgemm's int8 GEMM (``pipeline.quant.Int8Linear``) for the projections and the dense FFN;
 * int8 MoE: ``pipeline.compressed.Int8MoEFFN`` at top-20%, router included, which gathers the
   chosen experts' int8 rows into one integer GEMM (oneDNN ``torch._int_mm``), or runs the dense
-  int8 FFN with the experts' mask when the tokens choose half of the experts or more.
+  int8 FFN with the experts' mask when the tokens choose half of the experts or more;
+* int8 MoE, gathered (1 token): the compiled weight-only gather (``gathered_ffn``), which reads
+  the chosen experts' rows in place, one GEMV each way.
+
+Then batch-1 decoding with the KV cache at context ``--context`` of a one-block GPT-J-width model
+(a 512-token vocabulary, so the block dominates) in fp32, int8 and int8 + MoE as exported (the
+export measures which MoE path each call size takes).
+
+``--model COMPRESSED --teacher DIR`` instead measures a pipeline model's serving speed against
+its teacher (``pipeline.report.serving_speed``), with its MoE decode path as exported, eager and
+gathered.
 
 Every call takes the next of ``--layers`` weight sets, as a deep model would, so weights come from
 memory rather than from a cache that still holds them. The model-level comparison on
@@ -19,6 +29,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -33,6 +46,81 @@ def int8(w: torch.Tensor, b: torch.Tensor | None, cls):
     return cls(q, s, b)
 
 
+def gathered(L, x):
+    if len(x) > 1:  # one token only: at 16 the tokens choose most experts, and the dense path runs
+        return L["moe8"](x)
+    L["moe8"].gathered_decode = True
+    try:
+        return L["moe8"](x)
+    finally:
+        L["moe8"].gathered_decode = False
+
+
+def one_block_models(d: int, f: int, e: int, topk: int, tmp: Path) -> dict:
+    """fp32, int8 and int8 + MoE versions of a one-block GPT-J of width ``d`` (random weights)."""
+    from safetensors.torch import save_file
+
+    from pipeline.compressed import export_compressed, load_compressed
+    from pipeline.models import GPTJ, GPTJConfig
+
+    config = GPTJConfig(vocab_size=512, n_positions=2048, n_embd=d, n_layer=1, n_head=d // 256, rotary_dim=64,
+                        n_inner=f, activation="relu")
+    model = GPTJ(config).eval()
+    labels = torch.randperm(f) % e
+    save_file({"layer_000.labels": labels}, str(tmp / "clusters.safetensors"))
+    save_file({"layer_000.a": torch.randn(e, d), "layer_000.b": torch.eye(e)}, str(tmp / "routers.safetensors"))
+    export_compressed(model, tmp / "int8")
+    sizes = export_compressed(model, tmp / "moe", tmp, topk, calibrate=True)
+    print(f"export: dense from {sizes['dense_above']:.0%} of the experts, gathered decode "
+          f"{'on' if sizes['gathered_decode'] else 'off'}")
+    return {"fp32": model, "int8": load_compressed(tmp / "int8"), "int8 + MoE": load_compressed(tmp / "moe")}
+
+
+@torch.no_grad()
+def decode_step_seconds(model, context: int, steps: int = 8) -> float:
+    model.setup_caches(1, context + steps)
+    ids = torch.randint(0, model.config.vocab_size, (1, context))
+    model(ids, input_pos=torch.arange(context))
+    token, times = ids[:, -1:], []
+    for p in range(context, context + steps):
+        start = time.perf_counter()
+        token = model(token, input_pos=torch.tensor([p])).argmax(-1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def decode_table(args, topk: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        models = one_block_models(args.d_model, args.d_ff, args.experts, topk, Path(tmp))
+        times = {name: [] for name in models}
+        for _ in range(3):  # interleaved rounds
+            for name, model in models.items():
+                times[name].append(decode_step_seconds(model, args.context))
+    t = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nbatch-1 decoding with the KV cache at context {args.context}, one GPT-J-width block:")
+    for name, seconds in t.items():
+        print(f"  {name:12s} {seconds * 1e3:8.2f} ms/token   {t['fp32'] / seconds:5.2f}x fp32   "
+              f"{t['int8'] / seconds:5.2f}x int8")
+
+
+def model_table(args) -> None:
+    from pipeline.compressed import load_compressed
+    from pipeline.models import from_pretrained
+    from pipeline.report import SPEEDS, serving_speed
+
+    teacher = from_pretrained(args.teacher).eval()
+    models = {"teacher": teacher}
+    for label, gathered_on in (("eager", False), ("gathered", True)):
+        model = load_compressed(args.model)
+        for block in model.transformer.h:
+            block.mlp.gathered_decode = gathered_on
+        models[f"compressed, MoE decode {label}"] = model
+    speed = serving_speed(models, teacher.config.vocab_size, rounds=args.runs)
+    print(f"{args.model} against {args.teacher}, {torch.get_num_threads()} threads, tokens/s (ratio to the teacher)")
+    for name, per in speed.items():
+        print(f"  {name:34s} " + "   ".join(f"{k} {per[k]:8.1f} ({per[k] / speed['teacher'][k]:.2f}x)" for k in SPEEDS))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--d-model", type=int, default=4096)
@@ -42,9 +130,14 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="weight sets cycled through (beats the cache)")
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--context", type=int, default=512, help="decoding: the tokens already in the KV cache")
+    p.add_argument("--model", type=Path, help="a compressed model directory (with --teacher): its serving speed")
+    p.add_argument("--teacher", type=Path)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        return model_table(args)
     torch.manual_seed(0)
     d, f, e = args.d_model, args.d_ff, args.experts
     topk = max(1, round(args.fraction * e))
@@ -68,6 +161,7 @@ def main() -> None:
         "fp32 FFN": lambda L, x: torch.relu(x @ L["w1"].T + L["b1"]) @ L["w2"].T + L["b2"],
         "int8 FFN (fbgemm)": lambda L, x: L["fc_out8"](torch.relu(L["fc_in8"](x))),
         "int8 MoE FFN": lambda L, x: L["moe8"](x),
+        "int8 MoE FFN, gathered": gathered,
     }
     for tokens in (1, 16):
         base = torch.randn(1, d)
@@ -91,8 +185,12 @@ def main() -> None:
         print(f"  FFN: int8 dense {t['fp32 FFN'] / t['int8 FFN (fbgemm)']:.2f}x fp32, "
               f"int8 MoE {t['fp32 FFN'] / t['int8 MoE FFN']:.2f}x fp32")
         block32 = t["fp32 attention projections"] + t["fp32 FFN"]
-        block8 = t["int8 attention projections"] + t["int8 MoE FFN"]
-        print(f"  block linear layers: int8 + MoE {block32 / block8:.2f}x fp32")
+        moe = min(t["int8 MoE FFN"], t["int8 MoE FFN, gathered"])  # what the export's crossover picks
+        dense8 = t["int8 attention projections"] + t["int8 FFN (fbgemm)"]
+        block8 = t["int8 attention projections"] + moe
+        print(f"  int8 MoE FFN (the faster path) {t['int8 FFN (fbgemm)'] / moe:.2f}x the dense int8 FFN; block "
+              f"linear layers: int8 + MoE {block32 / block8:.2f}x fp32, {dense8 / block8:.2f}x dense int8")
+    decode_table(args, topk)
 
 
 if __name__ == "__main__":

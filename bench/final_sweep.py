@@ -43,7 +43,7 @@ def main() -> None:
     for label, flags in runs:
         m = run([*flags, *extra])
         deployed = m.get("compressed_perplexity_ratio")
-        print(f"{label:28s} {m['perplexity_ratio']:10.4f}x {deployed if deployed is None else f'{deployed:.4f}x':>9}"
+        print(f"{label:28s} {m['perplexity_ratio']:10.4f}x {'-' if deployed is None else f'{deployed:.4f}x':>9}"
               f" {m['kl']:7.4f} {m['top1_agreement']:6.3f} {m['greedy_agreement']:6.1f}   {m['variant']}", flush=True)
 
 

@@ -1,7 +1,8 @@
 """Parameter clustering against the references, measured side by side in one run.
 
 * ours: ``pipeline.moefication.balanced_kmeans`` (balanced spherical k-means with pairwise swaps
-  after each assignment, torch), and the same without the swaps;
+  after each assignment, the best of its default restarts, torch), from one seeding, and from one
+  seeding without the swaps;
 * ``k-means-constrained`` (the library MoEfication's ``ParamSplit`` calls; a bench dependency:
   ``pip install k-means-constrained``) on the L2-normalised rows, with its defaults (10 inits)
   unless ``--kmc-init`` / ``--kmc-max-iter`` say otherwise;
@@ -134,7 +135,8 @@ def main() -> None:
     args = p.parse_args()
     methods = {
         "ours": lambda x: balanced_kmeans(x, args.experts, seed=args.seed),
-        "ours, no swaps": lambda x: balanced_kmeans(x, args.experts, seed=args.seed, swap_rounds=0),
+        "ours, one seeding": lambda x: balanced_kmeans(x, args.experts, seed=args.seed, restarts=1),
+        "ours, no swaps": lambda x: balanced_kmeans(x, args.experts, seed=args.seed, swap_rounds=0, restarts=1),
         **({} if args.no_kmc else {"k-means-constrained": lambda x: kmeans_constrained(
             x, args.experts, args.seed, args.kmc_init, args.kmc_max_iter)}),
         **({} if args.no_elki else {"same-size k-means": lambda x: same_size_kmeans(x, args.experts, args.seed)}),

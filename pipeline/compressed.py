@@ -21,6 +21,7 @@ per row; norms and biases, stored fp16).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from pathlib import Path
@@ -83,9 +84,13 @@ class Int8MoEFFN(nn.Module):
         self.top_experts = methods.use("moe").top_experts
         self.size = len(self.b1) // self.num_expert
 
+    gathered_decode = False  # one token: the compiled weight-only gather (``gathered_ffn``), where it measured faster
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
         chosen, keep = self.top_experts(self.router(flat).float(), self.topk)
+        if len(flat) == 1 and self.gathered_decode:
+            return self._gathered(flat, chosen[0]).to(x.dtype).reshape(*x.shape[:-1], -1)
         used = torch.unique(chosen)  # sorted
         if len(used) >= self.dense_above * self.num_expert:
             out = self._dense(flat, keep)
@@ -105,29 +110,76 @@ class Int8MoEFFN(nn.Module):
         h = h.view(len(flat), len(used), self.size).mul_(keep[:, used, None]).flatten(1)
         return int8_linear(h, rows(self.q_w2t).T, self.s_w2) + self.b2
 
+    def _gathered(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        e, size = self.num_expert, self.size
+        return compiled_gathered_ffn()(flat[0], self.q_w1.view(e, size, -1), self.s_w1.view(e, size),
+                                       self.b1.view(e, size), self.q_w2t.view(e, size, -1), self.s_w2.view(-1),
+                                       self.b2, chosen)[None]
+
+
+def gathered_ffn(x, q_w1, s_w1, b1, q_w2t, s_w2, b2, chosen):
+    """One token through the chosen experts of an int8 FFN in expert order, weight-only int8 (the
+    token stays in fp32): ``q_w1`` (experts, size, d_model) and ``q_w2t`` (experts, size, d_model)
+    int8, one scale per fc_in neuron and per fc_out output. Compiled, the gathers fuse into the two
+    reductions, so each chosen expert's rows are read once and never copied: one GEMV each way."""
+    h = torch.relu((q_w1[chosen].float() * x).sum(-1) * s_w1[chosen] + b1[chosen])  # (topk, size)
+    return (q_w2t[chosen].float() * h[..., None]).sum((0, 1)) * s_w2 + b2
+
+
+@functools.cache
+def compiled_gathered_ffn():
+    return torch.compile(gathered_ffn, dynamic=False)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
 
 @torch.no_grad()
 def calibrate_dense_above(ffn: Int8MoEFFN, repeats: int = 20) -> float:
     """The share of experts from which the dense path is faster than the sparse one on this
-    machine, for one token (timed on ``ffn``'s own weights): 1.0 when sparse always wins below
-    all experts, 1 / num_expert when dense wins from the first."""
+    machine, for one token (timed on ``ffn``'s own weights)."""
     x = torch.randn(1, ffn.q_w1.shape[1])
     keep = torch.zeros(1, ffn.num_expert)
+    dense = _median_seconds(lambda: ffn._dense(x, keep), repeats)
+    counts = range(ffn.topk, ffn.num_expert + 1, max(1, ffn.num_expert // 16))
+    return dense_from(counts, lambda used: _median_seconds(lambda: ffn._sparse(x, keep, torch.arange(used)), repeats),
+                      dense, ffn.num_expert)
 
-    def seconds(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
 
-    dense = seconds(lambda: ffn._dense(x, keep))
-    for used in range(ffn.topk, ffn.num_expert + 1, max(1, ffn.num_expert // 16)):
-        if seconds(lambda: ffn._sparse(x, keep, torch.arange(used))) >= dense:
-            return used / ffn.num_expert
+def dense_from(counts, sparse_seconds, dense_seconds: float, num_expert: int) -> float:
+    """The crossover: the first share of experts (of ``counts`` used, in order) at which the
+    sparse path (``sparse_seconds(used)``) is no faster than the dense one; 1.0 when sparse always
+    wins below all experts, so dense then runs only when every expert is used."""
+    for used in counts:
+        if sparse_seconds(used) >= dense_seconds:
+            return used / num_expert
     return 1.0
+
+
+@torch.no_grad()
+def calibrate_gathered_decode(ffn: Int8MoEFFN, repeats: int = 20) -> dict:
+    """Whether one token runs faster through the compiled gather (``gathered_ffn``) than through
+    the path ``dense_above`` picks for it, timed here on ``ffn``'s weights: {"gathered_decode":
+    bool, "decode_ms": {path: median ms}}. False where torch.compile cannot build the kernel."""
+    x = torch.randn(1, ffn.q_w1.shape[1])
+    ffn.gathered_decode = False
+    times = {"eager": _median_seconds(lambda: ffn(x), repeats)}
+    ffn.gathered_decode = True
+    try:
+        times["gathered"] = _median_seconds(lambda: ffn(x), repeats)
+    except Exception as e:  # noqa: BLE001 - no compiler, or inductor cannot lower it here: the eager paths
+        print(f"the compiled MoE decode path is not available here ({type(e).__name__}: {e}); eager paths only")
+        times["gathered"] = float("inf")
+    ffn.gathered_decode = False
+    return {"gathered_decode": times["gathered"] < times["eager"],
+            "decode_ms": {k: round(v * 1e3, 4) for k, v in times.items()}}
 
 
 @torch.no_grad()
@@ -162,10 +214,12 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
         (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
         if calibrate:
             moe["dense_above"] = calibrate_dense_above(load_compressed(path).transformer.h[0].mlp)
+            moe.update(calibrate_gathered_decode(load_compressed(path, dense_above=moe["dense_above"]).transformer.h[0].mlp))
             (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
     files = [INT8_WEIGHTS] + ([ROUTERS, EXPERTS] if moe else [])
     return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"],
-            "sparse_matrices": sizes["sparse_matrices"], "dense_above": moe and moe["dense_above"]}
+            "sparse_matrices": sizes["sparse_matrices"], "dense_above": moe and moe["dense_above"],
+            "gathered_decode": bool(moe and moe.get("gathered_decode"))}
 
 
 def is_compressed(path) -> bool:
@@ -177,7 +231,9 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
     fbgemm's int8 GEMM (``Int8Linear``, activations quantized per call), or with ``exact`` QAT's
     arithmetic (``QLinear``, per token); MoE FFNs run the chosen experts' neurons in QAT's
     arithmetic, or every neuron when a call's tokens choose ``dense_above`` of the experts or
-    more (default: the share recorded in config.json)."""
+    more (default: the share recorded in config.json); a single token runs the compiled
+    weight-only gather (``gathered_ffn``) where the export measured it faster (config.json's
+    ``moe.gathered_decode``; not with ``exact``)."""
     path = Path(path)
     model = load_int8(path)
     moe = json.loads((path / "config.json").read_text()).get("moe")
@@ -198,4 +254,5 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
                              for m in (block.mlp.fc_in, block.mlp.fc_out))
             block.mlp = Int8MoEFFN(fc_in, fc_out, router, moe["topk"], block.mlp.fc_in, block.mlp.fc_out,
                                    moe.get("dense_above", 0.5) if dense_above is None else dense_above)
+            block.mlp.gathered_decode = bool(moe.get("gathered_decode")) and not exact
     return model.eval()

@@ -57,9 +57,12 @@ class ExpertClusters(Stage):
         features = rows + sample * (6 * d + 9 * ff) if self.method == "coactivation" else 0
         needs = layer_work_needs(config.n_layer, max(2 * rows, features, kmeans), 0, 2 * rows, disk,
                                  "per layer at work: its fc_in rows, the features, k-means' points and scores")
-        # k-means: every point against every centroid per iteration; co-activation: the sample
-        # tokens through each fc_in
-        iterations = 0 if self.method == "random" else self.iterations
+        # k-means: every point against every centroid per iteration, for each seeding's screening
+        # iterations and the best one's rest; co-activation: the sample tokens through each fc_in
+        from pipeline.moefication.clustering import RESTARTS, SCREEN
+
+        screen = min(SCREEN, self.iterations)
+        iterations = 0 if self.method == "random" else RESTARTS * screen + self.iterations - screen
         needs.flops = config.n_layer * 2.0 * ff * (iterations * k * dim + (d * sample if features else 0))
         return needs
 

@@ -147,3 +147,37 @@ def test_2_4_weights_are_stored_as_kept_values_and_positions_and_load_exactly(re
     q[0, :4] = 0  # a group with no nonzero
     assert torch.equal(sparse24.unpack(*sparse24.pack(q)), q)
     assert sparse24.pack(torch.ones(4, 16, dtype=torch.int8)) is None
+
+
+def test_the_crossover_picks_the_faster_path_on_a_synthetic_timing_table():
+    from pipeline.compressed import dense_from
+
+    sparse = {10: 1.0, 20: 2.0, 30: 3.0, 40: 4.0}.__getitem__  # seconds per call, by experts used
+    assert dense_from([10, 20, 30, 40], sparse, 2.5, 40) == 30 / 40  # dense from where sparse is no faster
+    assert dense_from([10, 20, 30, 40], sparse, 0.5, 40) == 10 / 40  # dense always faster
+    assert dense_from([10, 20, 30, 40], sparse, 9.0, 40) == 1.0  # sparse always faster
+
+
+def test_the_compiled_gathered_decode_equals_its_eager_definition(relu_model_and_checkpoint, tmp_path):
+    """One token through the compiled weight-only gather computes the eager formula, and within
+    int8's own error the exact MoE path; export records whether it measured faster here."""
+    from pipeline.compressed import compiled_gathered_ffn, gathered_ffn
+
+    model, ckpt = relu_model_and_checkpoint
+    sizes = export_compressed(model, tmp_path / "c", ckpt, 3, calibrate=True)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["moe"]["gathered_decode"] == sizes["gathered_decode"]
+    assert set(config["moe"]["decode_ms"]) == {"eager", "gathered"}
+    ffn = load_compressed(tmp_path / "c", exact=True).transformer.h[0].mlp
+    e, size = ffn.num_expert, ffn.size
+    args = (ffn.q_w1.view(e, size, -1), ffn.s_w1.view(e, size), ffn.b1.view(e, size), ffn.q_w2t.view(e, size, -1),
+            ffn.s_w2.view(-1), ffn.b2)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    chosen, _ = ffn.top_experts(ffn.router(x), ffn.topk)
+    with torch.no_grad():
+        eager, compiled = gathered_ffn(x[0], *args, chosen[0]), compiled_gathered_ffn()(x[0], *args, chosen[0])
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        exact = ffn(x)[0]
+        assert (eager - exact).abs().max() < 0.05 * exact.abs().max()
+        ffn.gathered_decode = True
+        torch.testing.assert_close(ffn(x)[0], compiled)
