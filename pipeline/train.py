@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-interval", type=int, default=50)
     p.add_argument("--sharding", choices=("auto", "ddp", "fsdp"), default="auto")
     p.add_argument("--precision", choices=precision.CHOICES, default="auto",
-                   help="compute precision (autocast; fp32 master weights); auto: bf16 on GPU, and on a CPU where "
-                        "bf16 measures faster, else fp32 (fp16 adds loss scaling)")
+                   help="compute precision (autocast; fp32 master weights); auto: bf16 on GPU and on a CPU with "
+                        "native bf16 (AVX512-BF16, AMX), else fp32 (fp16 adds loss scaling)")
     p.add_argument("--memory-limit-gb", type=float, help="memory per rank to plan against (default: what is free)")
     # knowledge distillation (BMDistill)
     p.add_argument("--use-kd", action="store_true")

@@ -95,8 +95,8 @@ def checked_precision(value: str) -> str:
 
 
 def training_precision() -> str:
-    """[pipeline] precision as the training ranks run it (``pipeline.precision``: auto is measured
-    here, once, so that every rank runs the same)."""
+    """[pipeline] precision as the training ranks run it (``pipeline.precision``), resolved here
+    once for every rank."""
     import torch
 
     from pipeline.precision import resolve
