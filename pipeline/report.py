@@ -72,7 +72,7 @@ def measure_rows(teacher, rows, evaluations: dict[str, dict], vocab: int, rounds
         speed = serving_speed(pair, vocab, rounds=rounds)
         for k in SPEEDS:
             result[f"{k}_tokens_per_s"] = round(speed[name][k], 1)
-            result[f"{k}_ratio"] = round(speed[name][k] / speed["teacher"][k], 3)
+            result[f"{k}_speed_ratio"] = round(speed[name][k] / speed["teacher"][k], 3)
         results.append(result)
         del model, pair
         gc.collect()
@@ -237,7 +237,7 @@ def write_markdown(metrics: dict, out: Path, title: str) -> None:
               "| model | file size | vs teacher | prefill 16 tok/s | vs teacher | prefill 128 tok/s | vs teacher | "
               "decode tok/s | vs teacher |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        speeds = " | ".join(f"{r[f'{k}_tokens_per_s']:.0f} | {r[f'{k}_ratio']:.2f}x" for k in SPEEDS)
+        speeds = " | ".join(f"{r[f'{k}_tokens_per_s']:.0f} | {r[f'{k}_speed_ratio']:.2f}x" for k in SPEEDS)
         lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.3f}x | {speeds} |")
     lines += harness_table(rows)
     lines += [""] + [f"- **{r['name']}**: {r['what']}" for r in rows] + [""]

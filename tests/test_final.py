@@ -73,7 +73,7 @@ def test_generate_runs_from_the_final_artifact(chain):
                         "8", "--moe-path", moe_path)
         text, summary = run.stdout.strip().rsplit("\n", 1)
         assert text.startswith("def main(")
-        assert summary.startswith("--- 8 new tokens in") and "(int8 MoE model from" in summary
+        assert summary.startswith("--- prefill ") and ", decode 7 tokens at " in summary and "int8 MoE model from" in summary
         texts.append(text)
     assert len(texts[0]) > len("def main(")
 
@@ -85,7 +85,7 @@ def test_report_compares_every_variant(chain):
     assert list(rows) == ["teacher", "ReLU", "MoE 25% experts", control, "MoE + KD", "2:4 + KD", "int8 QAT + KD",
                           "int8 + 2:4 + KD", "final: int8 QAT + 2:4 + MoE + KD", "int8 PTQ (no training)"]
     teacher = rows["teacher"]
-    assert teacher["perplexity_ratio"] == 1.0 and teacher["decode_ratio"] == 1.0
+    assert teacher["perplexity_ratio"] == 1.0 and teacher["decode_speed_ratio"] == 1.0
     assert teacher["kl"] < 1e-6 and teacher["top1_agreement"] == 1.0 and teacher["greedy_agreement"] == 32
     assert rows[control]["control_ratio"] == 1.0
     for r in rows.values():
@@ -124,4 +124,4 @@ def test_changing_final_settings_reruns_only_final_and_report(chain, tmp_path):
     dense_moe = chain.artifacts / "FinalCompressed" / new["FinalCompressed"][0]
     assert not (dense_moe / "compressed").exists()
     run = chain.run("-m", "pipeline.generate", "--model", str(dense_moe), "--prompt", "x = ", "--max-new-tokens", "3")
-    assert "(dense fp32 MoE model from" in run.stdout  # generate runs it as the MoE it was trained as
+    assert "; dense fp32 MoE model from" in run.stdout  # generate runs it as the MoE it was trained as
