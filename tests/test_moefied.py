@@ -161,12 +161,12 @@ def test_seed_style_clis_reproduce_the_stages(chain, tmp_path):
 
 
 def test_pruning_masks_stage_keeps_2_of_4_in_the_experts_order(chain):
-    chain.luigi("PruningMasks", *TWO_RANKS)
-    chain.luigi("PruningMasks", *TWO_RANKS, "--PruningMasks-prune-func", "m4n2_2d_best")
+    chain.luigi("PruningMasks", *TWO_RANKS, "--PruningMasks-prune-func", "m4n2_2d_greedy")
+    chain.luigi("PruningMasks", *TWO_RANKS)  # the default: m4n2_2d_best
     chain.luigi("PruningMasks", *TWO_RANKS, "--PruningMasks-moefication", "false")
     greedy_dir, greedy = artifact(chain, "PruningMasks", lambda m: m["params"] == {"prune_func": "m4n2_2d_greedy",
                                                                                   "moefication": True})
-    _, best = artifact(chain, "PruningMasks", lambda m: m["params"]["prune_func"] == "m4n2_2d_best")
+    _, best = artifact(chain, "PruningMasks", lambda m: m["params"] == {"prune_func": "m4n2_2d_best", "moefication": True})
     _, base = artifact(chain, "PruningMasks", lambda m: not m["params"]["moefication"])
     assert greedy["upstream"].keys() == {"ReluModel", "ExpertClusters"} and base["upstream"].keys() == {"BaseModel"}
     assert greedy["metrics"]["matrices"] == 12 and best["metrics"]["kept"] == 0.5
