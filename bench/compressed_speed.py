@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -76,26 +75,17 @@ def one_block_models(d: int, f: int, e: int, topk: int, tmp: Path) -> dict:
     return {"fp32": model, "int8": load_compressed(tmp / "int8"), "int8 + MoE": load_compressed(tmp / "moe")}
 
 
-@torch.no_grad()
-def decode_step_seconds(model, context: int, steps: int = 8) -> float:
-    model.setup_caches(1, context + steps)
-    ids = torch.randint(0, model.config.vocab_size, (1, context))
-    model(ids, input_pos=torch.arange(context))
-    token, times = ids[:, -1:], []
-    for p in range(context, context + steps):
-        start = time.perf_counter()
-        token = model(token, input_pos=torch.tensor([p])).argmax(-1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
 def decode_table(args, topk: int) -> None:
+    from pipeline.report import decode_seconds
+
     with tempfile.TemporaryDirectory() as tmp:
         models = one_block_models(args.d_model, args.d_ff, args.experts, topk, Path(tmp))
         times = {name: [] for name in models}
         for _ in range(3):  # interleaved rounds
             for name, model in models.items():
-                times[name].append(decode_step_seconds(model, args.context))
+                context = torch.randint(0, model.config.vocab_size, (1, args.context))
+                with torch.no_grad():
+                    times[name].append(decode_seconds(model, context, 8))
     t = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nbatch-1 decoding with the KV cache at context {args.context}, one GPT-J-width block:")
     for name, seconds in t.items():

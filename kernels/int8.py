@@ -13,8 +13,9 @@ The arithmetic follows ../shared/reference/int8-gemm-spec.md (read from cpm_kern
   column (for B) after multiplying it by the other operand's scales, see ``_Int8BMM.backward``
   (``grad="int8"``, cpm_kernels'); or, with ``grad="float"``, the straight-through estimator in
   the operands' precision (in the forward's autocast precision when it ran under autocast): the
-  gradients of the dequantized product, ``G @ B_q^T`` and ``A_q^T @ G``. The int8 gradient keeps, per output neuron, one scale over every token of the
-  batch, so most tokens' contributions round to zero: fine-tuning a trained gpt-j-tiny with it
+  gradients of the dequantized product, ``G @ B_q^T`` and ``A_q^T @ G``. The int8 gradient
+  keeps, per output neuron, one scale over every token of the batch, so most tokens'
+  contributions round to zero: fine-tuning a trained gpt-j-tiny with it
   raised its perplexity from 49.8 to 58.4 in 60 steps, where the float estimator lowered it.
 
 A row of A_op (column of B_op) holding +-inf has an infinite scale; its finite entries quantize to

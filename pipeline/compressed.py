@@ -213,8 +213,9 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
         config = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
         if calibrate:
-            moe["dense_above"] = calibrate_dense_above(load_compressed(path).transformer.h[0].mlp)
-            moe.update(calibrate_gathered_decode(load_compressed(path, dense_above=moe["dense_above"]).transformer.h[0].mlp))
+            ffn = load_compressed(path).transformer.h[0].mlp  # loaded once for both measurements
+            moe["dense_above"] = ffn.dense_above = calibrate_dense_above(ffn)
+            moe.update(calibrate_gathered_decode(ffn))
             (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
     files = [INT8_WEIGHTS] + ([ROUTERS, EXPERTS] if moe else [])
     return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"],

@@ -16,7 +16,7 @@ DECODE_CONTEXT, DECODE_TOKENS = 128, 16  # batch-1 decoding: this many tokens af
 SPEEDS = tuple(f"prefill_{n}" for n in PREFILL_TOKENS) + ("decode",)
 
 
-def _decode(model, prompt: torch.Tensor, steps: int) -> float:
+def decode_seconds(model, prompt: torch.Tensor, steps: int) -> float:
     """Seconds per token of ``steps`` cached decoding steps after prefilling ``prompt``."""
     model.setup_caches(1, prompt.shape[1] + steps)
     model(prompt, input_pos=torch.arange(prompt.shape[1]))
@@ -46,7 +46,7 @@ def serving_speed(models: dict, vocab: int, rounds: int = 7, calls: int = 3, see
                 for _ in range(calls):
                     model(ids)
                 times[name][f"prefill_{n}"].append(ids.shape[1] * calls / (time.perf_counter() - start))
-            times[name]["decode"].append(1.0 / _decode(model, context_ids, DECODE_TOKENS))
+            times[name]["decode"].append(1.0 / decode_seconds(model, context_ids, DECODE_TOKENS))
     return {name: {k: float(np.median(v[1:])) for k, v in per.items()} for name, per in times.items()}
 
 

@@ -156,5 +156,4 @@ def cosine_to_centroid(rows, labels: np.ndarray) -> float:
     """Mean cosine similarity of each (normalised) row to its expert's normalised centroid."""
     x = F.normalize(torch.as_tensor(np.asarray(rows), dtype=torch.float32), dim=1)
     lab = torch.as_tensor(labels, dtype=torch.long)
-    centroids = _centroids(x, lab, int(lab.max()) + 1)
-    return float((x * centroids[lab]).sum(1).mean())
+    return _objective(x, lab, int(lab.max()) + 1) / len(x)
