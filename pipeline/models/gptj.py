@@ -78,14 +78,19 @@ class KVCache:
     """A layer's keys and values for positions 0 .. max_len - 1, preallocated (fp32, as attention
     computes). ``update`` writes new tokens at their positions and returns the keys and values up
     to the last of them, with the mask of which each new token may attend to (None when every new
-    token attends to all of them: one token, or a prefill from position 0)."""
+    token attends to all of them: one token, or a prefill from position 0). A ``static`` cache
+    always returns all max_len positions with the mask: shapes that never change and no read of
+    the positions on the host, as CUDA graphs need (``pipeline.serving``)."""
 
-    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device):
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device, static: bool = False):
         self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device)
         self.v = torch.zeros_like(self.k)
+        self.static = static
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         self.k[:, :, input_pos], self.v[:, :, input_pos] = k, v
+        if self.static:
+            return self.k, self.v, torch.arange(self.k.shape[2], device=k.device)[None, :] <= input_pos[:, None]
         end = int(input_pos[-1]) + 1
         keys, values = self.k[:, :, :end], self.v[:, :, :end]
         if len(input_pos) == 1:
@@ -161,14 +166,15 @@ class GPTJ(nn.Module):
         self.rope = rotary_table(self.config.n_positions, self.config.rotary_dim).to(device)
         return self
 
-    def setup_caches(self, batch: int, max_len: int) -> None:
-        """Give every attention layer a static KV cache for ``batch`` sequences of up to ``max_len``
-        positions (at most n_positions); ``forward(..., input_pos=...)`` then decodes with them."""
+    def setup_caches(self, batch: int, max_len: int, static: bool = False) -> None:
+        """Give every attention layer a preallocated KV cache for ``batch`` sequences of up to
+        ``max_len`` positions (at most n_positions); ``forward(..., input_pos=...)`` then decodes
+        with them. ``static``: every call attends over all max_len positions, masked (KVCache)."""
         if not 0 < max_len <= self.config.n_positions:
             raise ValueError(f"a KV cache of {max_len} positions: expected 1 to n_positions {self.config.n_positions}")
         device = self.transformer.ln_f.weight.device
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch, self.config.n_head, max_len, self.config.head_dim, device)
+            block.attn.kv_cache = KVCache(batch, self.config.n_head, max_len, self.config.head_dim, device, static)
 
     def forward(self, input_ids, output_states=False, input_pos=None):
         """input_ids: (B, T) int64 -> logits (B, T, vocab) in the model's dtype; with
