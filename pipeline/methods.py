@@ -23,6 +23,7 @@ METHODS = {
     "quant": "pipeline.quant",  # BMQuant: int8 quantization-aware training and the int8 model
     "moe": "pipeline.moefication.routed",  # BMMoE in training: each FFN computes its router's top-k
     "compressed": "pipeline.compressed",  # the int8 (MoE) model on disk and in memory
+    "serving": "pipeline.serving",  # its GPU kernels, chosen per shape at export where a GPU is
     "coactivation": "pipeline.moefication.coactivation",  # ExpertClusters' features from the hidden states
 }
 DECLARED_ENV = "PIPELINE_METHODS"

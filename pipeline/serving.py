@@ -22,15 +22,17 @@ decoded token as one CUDA graph replay, over a static KV cache.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.compressed import Int8MoEFFN, QLinear, gathered_ffn
-from pipeline.moefication.routed import top_experts
+from pipeline import methods
+from pipeline.compressed import Int8MoEFFN, QLinear, gathered_ffn, load_compressed
 from pipeline.quant import Int8Embedding, Int8Linear
 
 ROWS = (1, 16, 256)  # call sizes timed: one decoded token, a short prefill, a long one
@@ -38,6 +40,7 @@ PATHS = ("weight_only", "w8a8", "sparse24", "bf16")
 INT_MM_MIN_ROWS = 17  # cuBLASLt's int8 GEMM wants M > 16
 CSLT_ROW_MULTIPLE = 32  # cuSPARSELt's int8 dense operand: rows in multiples of 32
 TOLERANCE = 0.03  # a candidate's largest error, relative to the product's largest entry
+SERVING = "serving"  # config.json's entry: per device name, the table choose_paths measured there
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,11 +142,12 @@ class ServingMoEFFN(nn.Module):
         self.fc_in, self.fc_out, self.router, self.topk, self.num_expert = fc_in, fc_out, router, topk, num_expert
         self.size = fc_in.q_weight.shape[0] // num_expert
         self.register_buffer("q_w2t", fc_out.q_weight.T.contiguous())  # expert-major: an expert is a block of rows
+        self.top_experts = methods.use("moe").top_experts
         self.gathered = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        chosen, keep = top_experts(self.router(flat).float(), self.topk)
+        chosen, keep = self.top_experts(self.router(flat).float(), self.topk)
         if len(flat) == 1 and self.gathered:
             e, size = self.num_expert, self.size
             out = gathered_ffn(flat[0].float(), self.fc_in.q_weight.view(e, size, -1), self.fc_in.scale.view(e, size),
@@ -274,6 +278,31 @@ def to_serving(model: nn.Module, device, dtype=torch.bfloat16) -> nn.Module:
         if isinstance(module, nn.LayerNorm):
             module.to(dtype)
     return model.to(device).eval()
+
+
+def record_paths(path, device) -> dict:
+    """Measure the serving paths of the compressed model at ``path`` on ``device`` and record the
+    table in its config.json (under ``serving``, by device name); returns the table."""
+    table = choose_paths(to_serving(load_compressed(path), device))
+    config_file = Path(path) / "config.json"
+    config = json.loads(config_file.read_text())
+    config.setdefault(SERVING, {})[table["device"]] = table
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return table
+
+
+def load_serving(path, device, dtype=torch.bfloat16) -> nn.Module:
+    """The compressed model at ``path`` as serving modules on ``device``, each layer on the paths
+    recorded for this device's name at export, or measured now where none were."""
+    model = to_serving(load_compressed(path), device, dtype)
+    recorded = json.loads((Path(path) / "config.json").read_text()).get(SERVING, {})
+    table = recorded.get(_device_name(torch.device(device)))
+    if table is None:
+        print(f"{path}: no serving paths recorded for {_device_name(torch.device(device))}; measuring them now")
+        choose_paths(model)
+    else:
+        apply_paths(model, table)
+    return model
 
 
 class Decoder:

@@ -49,7 +49,7 @@ class FinalCompressed(DistillingStage):
         return ups
 
     def methods(self) -> tuple[str, ...]:
-        chosen = {"int8": ("quant", "compressed"), "pruning": ("prune",), "moe": ("moe",), "distill": ("distill",)}
+        chosen = {"int8": ("quant", "compressed", "serving"), "pruning": ("prune",), "moe": ("moe",), "distill": ("distill",)}
         return tuple(m for t in TOGGLES if getattr(self, t) for m in chosen[t])
 
     def unused_params(self) -> set[str]:
@@ -99,6 +99,8 @@ class FinalCompressed(DistillingStage):
         self.evaluate(build, inputs, topk)
 
     def evaluate(self, build, inputs, topk) -> None:
+        import torch
+
         from pipeline import methods
         from pipeline.evaluate import job
         from pipeline.models import from_pretrained
@@ -128,6 +130,8 @@ class FinalCompressed(DistillingStage):
                 out = build.path / compressed.COMPRESSED_DIR
                 sizes = compressed.export_compressed(model, out, build.path if self.moe else None, topk, calibrate=True)
                 shutil.copyfile(build.path / "tokenizer.json", out / "tokenizer.json")
+                if torch.cuda.is_available():  # the GPU kernels' crossovers, measured on this machine's GPU
+                    metrics["serving_paths"] = methods.use("serving").record_paths(out, "cuda")["paths"]
                 # as deployed (fbgemm, the measured dense/sparse crossover), and in QAT's arithmetic
                 jobs = [job(f"compressed, exact={e}", compressed.load_compressed, cpu=True, path=str(out), exact=e)
                         for e in (False, True)]

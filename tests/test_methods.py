@@ -34,7 +34,7 @@ def test_unknown_methods_are_refused():
 def test_a_final_run_declares_and_versions_exactly_its_toggles_methods(int8, pruning, moe, distill):
     task = FinalCompressed(int8=bool(int8), pruning=bool(pruning), moe=bool(moe), distill=bool(distill))
     on = {"int8": int8, "pruning": pruning, "moe": moe, "distill": distill}
-    chosen = {"int8": {"quant", "compressed"}, "pruning": {"prune"}, "moe": {"moe"}, "distill": {"distill"}}
+    chosen = {"int8": {"quant", "compressed", "serving"}, "pruning": {"prune"}, "moe": {"moe"}, "distill": {"distill"}}
     expected = set().union(*(chosen[t] for t, value in on.items() if value))
     assert set(task.methods()) == expected
     code = task.spec().code

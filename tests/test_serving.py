@@ -2,6 +2,7 @@
 quantization error, compiled equals eager (inductor runs on CPU too), the fastest measured path
 is the one kept, and the served model decodes over a static KV cache what the compressed model
 computes."""
+import json
 import math
 
 import pytest
@@ -126,3 +127,22 @@ def test_the_compiled_decoder_decodes_what_the_eager_one_does(compressed_moe):
     prompt = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(5))
     eager = Decoder(served, max_len=24, compile=False).generate(prompt, 6)
     assert Decoder(served, max_len=24).generate(prompt, 6).tolist() == eager.tolist()
+
+
+def test_the_paths_measured_at_export_are_recorded_and_loaded(compressed_moe, monkeypatch, capsys):
+    fake = {1: {"weight_only": 2.0, "w8a8": 1.0, "bf16": 3.0}, 16: {"weight_only": 2.0, "w8a8": 3.0, "bf16": 1.0},
+            256: {"weight_only": 1.0, "w8a8": math.inf, "bf16": 2.0}}  # a synthetic timing table
+    monkeypatch.setattr(serving, "time_paths", lambda layer, rows, **kw: fake[rows])
+    table = serving.record_paths(compressed_moe, "cpu")
+    assert len(table["paths"]) == 4 and all(p == {"1": "w8a8", "16": "bf16", "256": "weight_only"} for p in table["paths"].values())
+    config = json.loads((compressed_moe / "config.json").read_text())
+    assert config["serving"][table["device"]]["paths"] == table["paths"]
+    monkeypatch.setattr(serving, "time_paths", lambda *a, **kw: pytest.fail("the recorded paths are measured again"))
+    model = serving.load_serving(compressed_moe, "cpu", dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, ServingLinear)]
+    assert layers and all(m.paths == {1: "w8a8", 16: "bf16", 256: "weight_only"} for m in layers)
+    config["serving"] = {"another GPU": table}
+    (compressed_moe / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(serving, "time_paths", lambda layer, rows, **kw: fake[rows])
+    serving.load_serving(compressed_moe, "cpu", dtype=torch.float32)
+    assert "no serving paths recorded for cpu" in capsys.readouterr().out
