@@ -198,8 +198,17 @@ def seconds_per_call(fn, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def compiler_settings() -> None:
+    """Room for one compilation per layer shape and call size (Dynamo falls back to eager past its
+    recompile limit, which would time eager code as compiled); the int8 GEMM's scales fused into
+    its epilogue, as torchao does."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._inductor.config.force_fuse_int_mm_with_mul = True
+
+
 @functools.cache
 def _compiled(path: str):
+    compiler_settings()
     return torch.compile(KERNELS[path], dynamic=False)
 
 
@@ -225,12 +234,15 @@ def time_paths(layer: ServingLinear, rows: int, dtype=torch.bfloat16, compile: b
     return seconds
 
 
-def choose_paths(model: nn.Module, rows=ROWS, compile: bool = True) -> dict:
+def choose_paths(model: nn.Module, rows=ROWS, compile: bool = True, known: dict | None = None) -> dict:
     """Time every candidate for each distinct ServingLinear shape of ``model`` at each call size,
     set every layer's paths to the fastest, and return the table recorded in config.json:
-    {"device": name, "paths": {shape: {rows: path}}, "ms": {shape: {rows: {path: ms}}}}."""
+    {"device": name, "paths": {shape: {rows: path}}, "ms": {shape: {rows: {path: ms}}}}. Shapes
+    in ``known`` (a table measured on the same device) are taken from it."""
     layers = [m for m in model.modules() if isinstance(m, ServingLinear)]
     table = {"device": _device_name(layers[0].q_weight.device), "paths": {}, "ms": {}}
+    for key in (known or {}).get("paths", {}):
+        table["paths"][key], table["ms"][key] = known["paths"][key], known["ms"][key]
     for layer in layers:
         key = layer.shape_key
         if key not in table["paths"]:
@@ -317,6 +329,7 @@ class Decoder:
         self.device = model.transformer.ln_f.weight.device
         model.setup_caches(1, max_len, static=True)
         if compile:
+            compiler_settings()
             for module in (*model.transformer.h, model.lm_head):
                 module.compile(dynamic=False)
         self.decode = self._graphed() if self.device.type == "cuda" else self.step
