@@ -80,7 +80,7 @@ KERNELS = {"weight_only": weight_only, "w8a8": w8a8, "sparse24": sparse24, "bf16
 
 class ServingLinear(nn.Module):
     """A linear layer over an int8 weight (N, K) with fp32 per-row scales, running per call the
-    path ``paths`` names for the smallest size of ``ROWS`` at least the call's rows (the largest
+    path ``paths`` names for the smallest timed size at least the call's rows (the largest
     beyond). ``prepare(path)`` builds what a path needs beyond the int8 weight (cuSPARSELt's
     packed weight; the dequantized one)."""
 
@@ -89,6 +89,7 @@ class ServingLinear(nn.Module):
         self.register_buffer("q_weight", q_weight.contiguous())
         self.register_buffer("scale", scale.float().reshape(-1))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
+        self.dtype = dtype
         self.packed24: torch.Tensor | None = None
         self.dense: torch.Tensor | None = None
         self.paths = {rows: "weight_only" for rows in ROWS}
@@ -110,8 +111,7 @@ class ServingLinear(nn.Module):
         if path == "sparse24" and self.packed24 is None:
             self.packed24 = torch._cslt_compress(self.q_weight)
         if path == "bf16" and self.dense is None:
-            self.dense = (self.q_weight.float() * self.scale[:, None]).to(self.bias.dtype if self.bias is not None
-                                                                         else torch.bfloat16)
+            self.dense = (self.q_weight.float() * self.scale[:, None]).to(self.dtype)
 
     def set_paths(self, paths: dict[int, str]) -> None:
         for path in set(paths.values()):
@@ -123,7 +123,8 @@ class ServingLinear(nn.Module):
             self.dense = None
 
     def path_for(self, rows: int) -> str:
-        return self.paths[next((r for r in ROWS if r >= rows), ROWS[-1])]
+        sizes = sorted(self.paths)
+        return self.paths[next((r for r in sizes if r >= rows), sizes[-1])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -143,7 +144,7 @@ class ServingMoEFFN(nn.Module):
         self.size = fc_in.q_weight.shape[0] // num_expert
         self.register_buffer("q_w2t", fc_out.q_weight.T.contiguous())  # expert-major: an expert is a block of rows
         self.top_experts = methods.use("moe").top_experts
-        self.gathered = True
+        self.gathered = True  # until choose_moe_decode measures it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -251,13 +252,38 @@ def choose_paths(model: nn.Module, rows=ROWS, compile: bool = True, known: dict 
             table["ms"][key] = {str(r): {p: round(s * 1e3, 4) for p, s in t.items()} for r, t in times.items()}
             print(f"serving {key}: " + ", ".join(f"{r} rows {p}" for r, p in table["paths"][key].items()))
         layer.set_paths({int(r): p for r, p in table["paths"][key].items()})
+    moe = choose_moe_decode(model, compile)
+    if moe is not None:
+        table["moe_gathered"], table["moe_decode_ms"] = moe
     return table
+
+
+def choose_moe_decode(model: nn.Module, compile: bool = True) -> tuple[bool, dict] | None:
+    """Whether one token runs faster through the chosen experts only (``gathered``) than through
+    the masked dense FFN, timed on the first MoE FFN of ``model`` and set on all of them: (the
+    choice, ms per path); None without MoE FFNs."""
+    ffns = [m for m in model.modules() if isinstance(m, ServingMoEFFN)]
+    if not ffns:
+        return None
+    ffn = ffns[0]
+    fn = torch.compile(ffn, dynamic=False) if compile else ffn
+    x = torch.randn(1, ffn.fc_in.q_weight.shape[1], device=ffn.q_w2t.device, dtype=ffn.fc_in.dtype)
+    ms = {}
+    with torch.no_grad():
+        for gathered in (False, True):
+            ffn.gathered = gathered
+            ms["gathered" if gathered else "masked dense"] = round(seconds_per_call(lambda: fn(x)) * 1e3, 4)
+    for f in ffns:
+        f.gathered = ms["gathered"] < ms["masked dense"]
+    return ffns[0].gathered, ms
 
 
 def apply_paths(model: nn.Module, table: dict) -> None:
     """Set each ServingLinear's paths from a table ``choose_paths`` recorded."""
     for layer in (m for m in model.modules() if isinstance(m, ServingLinear)):
         layer.set_paths({int(r): p for r, p in table["paths"][layer.shape_key].items()})
+    for ffn in (m for m in model.modules() if isinstance(m, ServingMoEFFN)):
+        ffn.gathered = table.get("moe_gathered", True)
 
 
 def _device_name(device: torch.device) -> str:
