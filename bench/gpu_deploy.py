@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn as nn
 
+from kernels.sparsity import m4n2_1d
 from pipeline.models import GPTJ, GPTJConfig
 from pipeline.moefication.router import Router
 from pipeline.quant import quantize_rows
@@ -47,16 +48,9 @@ def bf16_model(config: GPTJConfig, device) -> GPTJ:
     return model.reset_rope_().to(torch.bfloat16).eval()
 
 
-def prune_24(w: torch.Tensor) -> torch.Tensor:
-    """``w`` with the two smallest magnitudes of every four along each row set to zero."""
-    groups = w.view(w.shape[0], -1, 4)
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
-    return (groups * keep).view_as(w)
-
-
 def int8_linear(linear: nn.Linear, sparse: bool) -> ServingLinear:
     w = linear.weight.float()
-    q, s = quantize_rows(prune_24(w) if sparse else w)
+    q, s = quantize_rows(w * m4n2_1d(w) if sparse else w)
     return ServingLinear(q, s, linear.bias, dtype=linear.weight.dtype)
 
 

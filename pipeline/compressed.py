@@ -131,7 +131,7 @@ def compiled_gathered_ffn():
     return torch.compile(gathered_ffn, dynamic=False)
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -147,9 +147,9 @@ def calibrate_dense_above(ffn: Int8MoEFFN, repeats: int = 20) -> float:
     machine, for one token (timed on ``ffn``'s own weights)."""
     x = torch.randn(1, ffn.q_w1.shape[1])
     keep = torch.zeros(1, ffn.num_expert)
-    dense = _median_seconds(lambda: ffn._dense(x, keep), repeats)
+    dense = median_seconds(lambda: ffn._dense(x, keep), repeats)
     counts = range(ffn.topk, ffn.num_expert + 1, max(1, ffn.num_expert // 16))
-    return dense_from(counts, lambda used: _median_seconds(lambda: ffn._sparse(x, keep, torch.arange(used)), repeats),
+    return dense_from(counts, lambda used: median_seconds(lambda: ffn._sparse(x, keep, torch.arange(used)), repeats),
                       dense, ffn.num_expert)
 
 
@@ -170,10 +170,10 @@ def calibrate_gathered_decode(ffn: Int8MoEFFN, repeats: int = 20) -> dict:
     bool, "decode_ms": {path: median ms}}. False where torch.compile cannot build the kernel."""
     x = torch.randn(1, ffn.q_w1.shape[1])
     ffn.gathered_decode = False
-    times = {"eager": _median_seconds(lambda: ffn(x), repeats)}
+    times = {"eager": median_seconds(lambda: ffn(x), repeats)}
     ffn.gathered_decode = True
     try:
-        times["gathered"] = _median_seconds(lambda: ffn(x), repeats)
+        times["gathered"] = median_seconds(lambda: ffn(x), repeats)
     except Exception as e:  # noqa: BLE001 - no compiler, or inductor cannot lower it here: the eager paths
         print(f"the compiled MoE decode path is not available here ({type(e).__name__}: {e}); eager paths only")
         times["gathered"] = float("inf")

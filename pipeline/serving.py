@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -32,8 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import methods
-from pipeline.compressed import Int8MoEFFN, QLinear, gathered_ffn, load_compressed
+from pipeline.compressed import Int8MoEFFN, QLinear, gathered_ffn, load_compressed, median_seconds
 from pipeline.quant import Int8Embedding, Int8Linear
+from pipeline.sparse24 import is_24
 
 ROWS = (1, 16, 256)  # call sizes timed: one decoded token, a short prefill, a long one
 PATHS = ("weight_only", "w8a8", "sparse24", "bf16")
@@ -101,8 +101,7 @@ class ServingLinear(nn.Module):
 
     @functools.cached_property
     def is_24(self) -> bool:
-        groups = self.q_weight.reshape(self.q_weight.shape[0], -1, 4) if self.q_weight.shape[1] % 4 == 0 else None
-        return groups is not None and bool(((groups != 0).sum(-1) <= 2).all())
+        return is_24(self.q_weight)
 
     def candidates(self) -> list[str]:
         return [p for p in PATHS if p != "sparse24" or self.is_24]
@@ -191,12 +190,7 @@ def seconds_per_call(fn, repeats: int = 20) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3 / per)
         return sorted(times)[len(times) // 2]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median_seconds(fn, repeats)
 
 
 def compiler_settings() -> None:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import torch
 
 
+def is_24(q: torch.Tensor) -> bool:
+    """Whether every group of 4 along a row of the matrix ``q`` holds at most 2 nonzeros."""
+    rows, cols = q.shape
+    return cols % 4 == 0 and not bool(((q.reshape(rows, cols // 4, 4) != 0).sum(-1) > 2).any())
+
+
 def pack(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(values, index) for an int8 matrix whose every group of 4 along a row has at most 2 nonzeros."""
     rows, cols = q.shape
-    if cols % 8:
+    if cols % 8 or not is_24(q):
         return None
     groups = q.reshape(rows, cols // 4, 4)
     nonzero = groups != 0
-    if bool((nonzero.sum(-1) > 2).any()):
-        return None
     # the 2 kept positions of each group: its nonzeros first (in order), then its first zeros
     order = torch.argsort((~nonzero).to(torch.int8) * 4 + torch.arange(4, dtype=torch.int8), dim=-1, stable=True)
     kept = order[..., :2].sort(dim=-1).values  # (rows, groups, 2), ascending within each group

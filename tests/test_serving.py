@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from kernels.sparsity import m4n2_1d
 from pipeline.compressed import export_compressed, load_compressed
 from pipeline.generate import generate
 from pipeline.quant import quantize_rows
@@ -20,9 +21,7 @@ def layer(n=48, k=64, seed=0, sparse=False):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     if sparse:  # the two largest of every four along each row
-        groups = w.view(n, -1, 4)
-        w = groups * torch.zeros_like(groups).scatter_(-1, groups.abs().topk(2, dim=-1).indices, 1.0)
-        w = w.view(n, k)
+        w = w * m4n2_1d(w)
     q, s = quantize_rows(w)
     return ServingLinear(q, s, torch.randn(n, generator=g), dtype=torch.float32)
 
