@@ -11,15 +11,16 @@ choose the same experts):
   chosen experts' int8 rows into one integer GEMM (oneDNN ``torch._int_mm``), or runs the dense
   int8 FFN with the experts' mask when the tokens choose half of the experts or more;
 * int8 MoE, gathered (1 token): the compiled weight-only gather (``gathered_ffn``), which reads
-  the chosen experts' rows in place, one GEMV each way.
+  the chosen experts' rows in place, one GEMV each way;
+* int8 MoE, bagged (1 token): the same two GEMVs on fbgemm's embedding-bag kernel
+  (``kernels.bagged``).
 
 Then batch-1 decoding with the KV cache at context ``--context`` of a one-block GPT-J-width model
 (a 512-token vocabulary, so the block dominates) in fp32, int8 and int8 + MoE as exported (the
 export measures which MoE path each call size takes).
 
 ``--model COMPRESSED --teacher DIR`` instead measures a pipeline model's serving speed against
-its teacher (``pipeline.report.serving_speed``), with its MoE decode path as exported, eager and
-gathered.
+its teacher (``pipeline.report.serving_speed``), with each of its MoE decode paths.
 
 Every call takes the next of ``--layers`` weight sets, as a deep model would, so weights come from
 memory rather than from a cache that still holds them. The model-level comparison on
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.compressed import Int8MoEFFN, QLinear
+from pipeline.compressed import DECODE_PATHS, Int8MoEFFN, QLinear, calibrate_dense_above
 from pipeline.moefication.router import Router
 from pipeline.quant import Int8Linear, quantize_rows
 from timing import median_time
@@ -45,14 +46,15 @@ def int8(w: torch.Tensor, b: torch.Tensor | None, cls):
     return cls(q, s, b)
 
 
-def gathered(L, x):
-    if len(x) > 1:  # one token only: at 16 the tokens choose most experts, and the dense path runs
-        return L["moe8"](x)
-    L["moe8"].gathered_decode = True
-    try:
-        return L["moe8"](x)
-    finally:
-        L["moe8"].gathered_decode = False
+def one_token(path: str):
+    """The MoE FFN with its one-token path set to ``path`` (``Int8MoEFFN.decode_path``)."""
+    def run(L, x):
+        L["moe8"].decode_path = path  # only 1-token calls read it
+        try:
+            return L["moe8"](x)
+        finally:
+            L["moe8"].decode_path = "eager"
+    return run
 
 
 def one_block_models(d: int, f: int, e: int, topk: int, tmp: Path) -> dict:
@@ -70,8 +72,8 @@ def one_block_models(d: int, f: int, e: int, topk: int, tmp: Path) -> dict:
     save_file({"layer_000.a": torch.randn(e, d), "layer_000.b": torch.eye(e)}, str(tmp / "routers.safetensors"))
     export_compressed(model, tmp / "int8")
     sizes = export_compressed(model, tmp / "moe", tmp, topk, calibrate=True)
-    print(f"export: dense from {sizes['dense_above']:.0%} of the experts, gathered decode "
-          f"{'on' if sizes['gathered_decode'] else 'off'}")
+    print(f"export: dense from {sizes['dense_above']:.0%} of the experts, one token through the "
+          f"{sizes['decode_path']} path")
     return {"fp32": model, "int8": load_compressed(tmp / "int8"), "int8 + MoE": load_compressed(tmp / "moe")}
 
 
@@ -100,11 +102,11 @@ def model_table(args) -> None:
 
     teacher = from_pretrained(args.teacher).eval()
     models = {"teacher": teacher}
-    for label, gathered_on in (("eager", False), ("gathered", True)):
+    for path in DECODE_PATHS:
         model = load_compressed(args.model)
         for block in model.transformer.h:
-            block.mlp.gathered_decode = gathered_on
-        models[f"compressed, MoE decode {label}"] = model
+            block.mlp.decode_path = path
+        models[f"compressed, MoE decode {path}"] = model
     speed = serving_speed(models, teacher.config.vocab_size, rounds=args.runs)
     print(f"{args.model} against {args.teacher}, {torch.get_num_threads()} threads, tokens/s (ratio to the teacher)")
     for name, per in speed.items():
@@ -143,6 +145,9 @@ def main() -> None:
             "attn8": [int8(w, None, Int8Linear) for w in attn], "fc_in8": fc_in8, "fc_out8": fc_out8,
             "moe8": Int8MoEFFN(int8(w1, b1, QLinear), int8(w2, b2, QLinear), router, topk, fc_in8, fc_out8),
         })
+    crossover = calibrate_dense_above(layers[0]["moe8"])  # as the export measures it
+    for L in layers:
+        L["moe8"].dense_above = crossover
     print(f"d_model {d}, d_ff {f}, {e} experts, top-{topk}; {torch.get_num_threads()} threads; "
           f"median of {args.runs} calls, each on the next of {args.layers} weight sets")
     paths = {
@@ -151,7 +156,8 @@ def main() -> None:
         "fp32 FFN": lambda L, x: torch.relu(x @ L["w1"].T + L["b1"]) @ L["w2"].T + L["b2"],
         "int8 FFN (fbgemm)": lambda L, x: L["fc_out8"](torch.relu(L["fc_in8"](x))),
         "int8 MoE FFN": lambda L, x: L["moe8"](x),
-        "int8 MoE FFN, gathered": gathered,
+        "int8 MoE FFN, gathered": one_token("gathered"),
+        "int8 MoE FFN, bagged": one_token("bagged"),
     }
     for tokens in (1, 16):
         base = torch.randn(1, d)
@@ -175,7 +181,7 @@ def main() -> None:
         print(f"  FFN: int8 dense {t['fp32 FFN'] / t['int8 FFN (fbgemm)']:.2f}x fp32, "
               f"int8 MoE {t['fp32 FFN'] / t['int8 MoE FFN']:.2f}x fp32")
         block32 = t["fp32 attention projections"] + t["fp32 FFN"]
-        moe = min(t["int8 MoE FFN"], t["int8 MoE FFN, gathered"])  # what the export's crossover picks
+        moe = min(t["int8 MoE FFN"], t["int8 MoE FFN, gathered"], t["int8 MoE FFN, bagged"])  # what export picks
         dense8 = t["int8 attention projections"] + t["int8 FFN (fbgemm)"]
         block8 = t["int8 attention projections"] + moe
         print(f"  int8 MoE FFN (the faster path) {t['int8 FFN (fbgemm)'] / moe:.2f}x the dense int8 FFN; block "

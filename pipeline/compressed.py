@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from kernels import bagged
 from kernels.int8 import int8_linear
 from pipeline import methods
 from pipeline.artifacts import save_safetensors
@@ -84,13 +85,18 @@ class Int8MoEFFN(nn.Module):
         self.top_experts = methods.use("moe").top_experts
         self.size = len(self.b1) // self.num_expert
 
-    gathered_decode = False  # one token: the compiled weight-only gather (``gathered_ffn``), where it measured faster
+    # one token: "eager" (the dense or sparse path above), "gathered" (the compiled weight-only
+    # gather, ``gathered_ffn``) or "bagged" (fbgemm's embedding bags, ``kernels.bagged``), as the
+    # export measured fastest
+    decode_path = "eager"
+    _bag_tables = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
         chosen, keep = self.top_experts(self.router(flat).float(), self.topk)
-        if len(flat) == 1 and self.gathered_decode:
-            return self._gathered(flat, chosen[0]).to(x.dtype).reshape(*x.shape[:-1], -1)
+        if len(flat) == 1 and self.decode_path != "eager":
+            one = self._gathered if self.decode_path == "gathered" else self._bagged
+            return one(flat, chosen[0]).to(x.dtype).reshape(*x.shape[:-1], -1)
         used = torch.unique(chosen)  # sorted
         if len(used) >= self.dense_above * self.num_expert:
             out = self._dense(flat, keep)
@@ -115,6 +121,16 @@ class Int8MoEFFN(nn.Module):
         return compiled_gathered_ffn()(flat[0], self.q_w1.view(e, size, -1), self.s_w1.view(e, size),
                                        self.b1.view(e, size), self.q_w2t.view(e, size, -1), self.s_w2.view(-1),
                                        self.b2, chosen)[None]
+
+    def _bagged(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        if self._bag_tables is None:
+            self._bag_tables = bagged.in_table(self.q_w1, self.num_expert), bagged.out_table(self.q_w2t)
+        t_in, t_out = self._bag_tables
+        e, size = self.num_expert, self.size
+        chosen = chosen.sort().values  # the experts' blocks in memory order
+        h = torch.relu_(bagged.gemv_in(t_in, flat[0], chosen) * self.s_w1.view(e, size)[chosen]
+                        + self.b1.view(e, size)[chosen])
+        return (bagged.gemv_out(t_out, h, chosen) * self.s_w2.view(-1) + self.b2)[None]
 
 
 def gathered_ffn(x, q_w1, s_w1, b1, q_w2t, s_w2, b2, chosen):
@@ -163,23 +179,25 @@ def dense_from(counts, sparse_seconds, dense_seconds: float, num_expert: int) ->
     return 1.0
 
 
+DECODE_PATHS = ("eager", "gathered", "bagged")
+
+
 @torch.no_grad()
-def calibrate_gathered_decode(ffn: Int8MoEFFN, repeats: int = 20) -> dict:
-    """Whether one token runs faster through the compiled gather (``gathered_ffn``) than through
-    the path ``dense_above`` picks for it, timed here on ``ffn``'s weights: {"gathered_decode":
-    bool, "decode_ms": {path: median ms}}. False where torch.compile cannot build the kernel."""
+def calibrate_decode_path(ffn: Int8MoEFFN, repeats: int = 20) -> dict:
+    """Which path runs one token fastest through ``ffn`` (``Int8MoEFFN.decode_path``), timed here
+    on its own weights: {"decode_path": name, "decode_ms": {path: median ms}}. A path that cannot
+    run here (no compiler, say) is timed as infinitely slow."""
     x = torch.randn(1, ffn.q_w1.shape[1])
-    ffn.gathered_decode = False
-    times = {"eager": median_seconds(lambda: ffn(x), repeats)}
-    ffn.gathered_decode = True
-    try:
-        times["gathered"] = median_seconds(lambda: ffn(x), repeats)
-    except Exception as e:  # noqa: BLE001 - no compiler, or inductor cannot lower it here: the eager paths
-        print(f"the compiled MoE decode path is not available here ({type(e).__name__}: {e}); eager paths only")
-        times["gathered"] = float("inf")
-    ffn.gathered_decode = False
-    return {"gathered_decode": times["gathered"] < times["eager"],
-            "decode_ms": {k: round(v * 1e3, 4) for k, v in times.items()}}
+    times = {}
+    for path in DECODE_PATHS:
+        ffn.decode_path = path
+        try:
+            times[path] = median_seconds(lambda: ffn(x), repeats)
+        except Exception as e:  # noqa: BLE001 - inductor or fbgemm cannot build the kernel here: the others
+            print(f"the {path} MoE decode path is not available here ({type(e).__name__}: {e})")
+            times[path] = float("inf")
+    ffn.decode_path = "eager"
+    return {"decode_path": min(times, key=times.get), "decode_ms": {k: round(v * 1e3, 4) for k, v in times.items()}}
 
 
 @torch.no_grad()
@@ -215,12 +233,20 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
         if calibrate:
             ffn = load_compressed(path).transformer.h[0].mlp  # loaded once for both measurements
             moe["dense_above"] = ffn.dense_above = calibrate_dense_above(ffn)
-            moe.update(calibrate_gathered_decode(ffn))
+            moe.update(calibrate_decode_path(ffn))
             (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
     files = [INT8_WEIGHTS] + ([ROUTERS, EXPERTS] if moe else [])
     return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"],
             "sparse_matrices": sizes["sparse_matrices"], "dense_above": moe and moe["dense_above"],
-            "gathered_decode": bool(moe and moe.get("gathered_decode"))}
+            "decode_path": decode_path(moe)}
+
+
+def decode_path(moe: dict | None) -> str:
+    """The one-token MoE path config.json's ``moe`` entry records ("eager" without one; older
+    exports recorded only whether the compiled gather won, as ``gathered_decode``)."""
+    if not moe:
+        return "eager"
+    return moe.get("decode_path") or ("gathered" if moe.get("gathered_decode") else "eager")
 
 
 def is_compressed(path) -> bool:
@@ -232,9 +258,8 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
     fbgemm's int8 GEMM (``Int8Linear``, activations quantized per call), or with ``exact`` QAT's
     arithmetic (``QLinear``, per token); MoE FFNs run the chosen experts' neurons in QAT's
     arithmetic, or every neuron when a call's tokens choose ``dense_above`` of the experts or
-    more (default: the share recorded in config.json); a single token runs the compiled
-    weight-only gather (``gathered_ffn``) where the export measured it faster (config.json's
-    ``moe.gathered_decode``; not with ``exact``)."""
+    more (default: the share recorded in config.json); a single token runs the weight-only path
+    the export measured fastest (config.json's ``moe.decode_path``; not with ``exact``)."""
     path = Path(path)
     model = load_int8(path)
     moe = json.loads((path / "config.json").read_text()).get("moe")
@@ -255,5 +280,5 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
                              for m in (block.mlp.fc_in, block.mlp.fc_out))
             block.mlp = Int8MoEFFN(fc_in, fc_out, router, moe["topk"], block.mlp.fc_in, block.mlp.fc_out,
                                    moe.get("dense_above", 0.5) if dense_above is None else dense_above)
-            block.mlp.gathered_decode = bool(moe.get("gathered_decode")) and not exact
+            block.mlp.decode_path = "eager" if exact else decode_path(moe)
     return model.eval()

@@ -158,17 +158,21 @@ def test_the_crossover_picks_the_faster_path_on_a_synthetic_timing_table():
     assert dense_from([10, 20, 30, 40], sparse, 9.0, 40) == 1.0  # sparse always faster
 
 
-def test_the_compiled_gathered_decode_equals_its_eager_definition(relu_model_and_checkpoint, tmp_path):
-    """One token through the compiled weight-only gather computes the eager formula, and within
-    int8's own error the exact MoE path; export records whether it measured faster here."""
-    from pipeline.compressed import compiled_gathered_ffn, gathered_ffn
+def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_checkpoint, tmp_path):
+    """One token through the compiled weight-only gather and through fbgemm's embedding bags
+    computes the eager formula, and within int8's own error the exact MoE path; export records
+    which path measured fastest here, and loading runs it."""
+    from pipeline.compressed import DECODE_PATHS, compiled_gathered_ffn, gathered_ffn
 
     model, ckpt = relu_model_and_checkpoint
     sizes = export_compressed(model, tmp_path / "c", ckpt, 3, calibrate=True)
     config = json.loads((tmp_path / "c" / "config.json").read_text())
-    assert config["moe"]["gathered_decode"] == sizes["gathered_decode"]
-    assert set(config["moe"]["decode_ms"]) == {"eager", "gathered"}
+    assert set(config["moe"]["decode_ms"]) == set(DECODE_PATHS)
+    times = config["moe"]["decode_ms"]
+    assert config["moe"]["decode_path"] == sizes["decode_path"] == min(times, key=times.get)
+    assert load_compressed(tmp_path / "c").transformer.h[1].mlp.decode_path == sizes["decode_path"]
     ffn = load_compressed(tmp_path / "c", exact=True).transformer.h[0].mlp
+    assert ffn.decode_path == "eager"
     e, size = ffn.num_expert, ffn.size
     args = (ffn.q_w1.view(e, size, -1), ffn.s_w1.view(e, size), ffn.b1.view(e, size), ffn.q_w2t.view(e, size, -1),
             ffn.s_w2.view(-1), ffn.b2)
@@ -179,5 +183,34 @@ def test_the_compiled_gathered_decode_equals_its_eager_definition(relu_model_and
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
         exact = ffn(x)[0]
         assert (eager - exact).abs().max() < 0.05 * exact.abs().max()
-        ffn.gathered_decode = True
+        ffn.decode_path = "gathered"
         torch.testing.assert_close(ffn(x)[0], compiled)
+        ffn.decode_path = "bagged"
+        torch.testing.assert_close(ffn(x)[0], eager, rtol=1e-5, atol=1e-5)
+
+
+def test_the_bagged_gemvs_read_only_the_chosen_experts():
+    """``kernels.bagged`` on random int8 weights at several thread counts equals the dense product
+    restricted to the chosen experts, and changing an unchosen expert's weights changes nothing."""
+    from kernels import bagged
+
+    g = torch.Generator().manual_seed(0)
+    e, size, d = 8, 4, 24
+    q_w1 = torch.randint(-127, 128, (e * size, d), dtype=torch.int8, generator=g)
+    q_w2t = torch.randint(-127, 128, (e * size, d), dtype=torch.int8, generator=g)
+    x, chosen = torch.randn(d, generator=g), torch.tensor([5, 1, 6])
+    h = torch.randn(3, size, generator=g)
+    want_in = q_w1.view(e, size, d)[chosen].float() @ x
+    want_out = (h[..., None] * q_w2t.view(e, size, d)[chosen].float()).sum((0, 1))
+    fp32_sum = {"rtol": 1e-5, "atol": 1e-5 * float(want_out.abs().max())}  # the order of the fp32 sums differs
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(bagged.gemv_in(bagged.in_table(q_w1, e), x, chosen), want_in, **fp32_sum)
+            torch.testing.assert_close(bagged.gemv_out(bagged.out_table(q_w2t), h, chosen), want_out, **fp32_sum)
+    finally:
+        torch.set_num_threads(threads)
+    q_w1[:size] = q_w2t[:size] = 0  # expert 0, not chosen
+    torch.testing.assert_close(bagged.gemv_in(bagged.in_table(q_w1, e), x, chosen), want_in, **fp32_sum)
+    torch.testing.assert_close(bagged.gemv_out(bagged.out_table(q_w2t), h, chosen), want_out, **fp32_sum)
