@@ -28,6 +28,7 @@ EVERY = "every stage"
 RUNS = {
     "kernels/__init__.py": set(),  # re-exports only: stages import the kernels they run
     "kernels/backend.py": INT8,
+    "kernels/bagged.py": INT8,  # pipeline.compressed runs it (the MoE decode path)
     "kernels/gemm.py": INT8,
     "kernels/int8.py": INT8,
     "kernels/sparsity.py": PRUNE,
