@@ -10,7 +10,7 @@ OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
              $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
 
 # `make moefy`: Corpus -> BaseModel -> ReluModel -> HiddenStates -> ExpertClusters -> Routers -> Moefied
-.PHONY: setup base relu moefy compress plan report status verify gc gc-dry-run test test-fast bench bench-moe clean-venv
+.PHONY: setup base relu moefy compress plan report status verify gc gc-dry-run test test-chain test-fast bench bench-moe clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +54,14 @@ gc: setup
 gc-dry-run: setup
 	$(PY) -m tasks.gc --dry-run $(OVERRIDES)
 
+# everything but the chain tier; CI (.ci/run) runs both
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not chain"
+
+# the whole smoke chain (make moefy + make compress) and what runs on copies of its store:
+# staleness, crash, corruption and concurrency scenarios
+test-chain: setup
+	$(PY) -m pytest -q -m chain
 
 # the unit tests: no stage chains, no torchrun (the edit-test loop)
 test-fast: setup

@@ -65,10 +65,15 @@ SLOW_FIXTURES = {"chain", "project", "default_project"}  # they build stages thr
 
 
 def pytest_collection_modifyitems(items):
-    """The fast tier (``make test-fast``) leaves out what builds stages or starts torchrun."""
+    """The fast tier (``make test-fast``) leaves out what builds stages or starts torchrun; the
+    chain tier (``make test-chain``, which CI runs after ``make test``) is what runs on the whole
+    smoke chain, built once, and the longest scenarios of its own."""
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        if "chain" in fixtures:
+            item.add_marker(pytest.mark.chain)
 
 
 TWO_RANKS = ("--pipeline-nproc-per-node", "2")  # as the chain was built: the same versions

@@ -6,7 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 
+
+@pytest.mark.chain  # a chain of stages through luigi: the chain tier
 def test_gc_skips_the_version_a_live_run_is_building(project):
     p = project
     p.luigi("Corpus")
@@ -33,6 +36,7 @@ def test_gc_skips_the_version_a_live_run_is_building(project):
     assert not list(p.artifacts.glob("BaseModel/.lock-*")), "gc leaves no lock file behind"
 
 
+@pytest.mark.chain  # a chain of stages through luigi: the chain tier
 def test_gc_keeps_every_models_newest_work_and_says_why_the_rest_goes(project):
     """gc under another MODEL= keeps what this model built last; only a superseded version goes,
     and --only-current refuses to leave a stage with nothing published."""

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -21,6 +22,7 @@ def make_checkpoint(path: Path, vocab=512):
     return model
 
 
+@pytest.mark.chain  # a chain of stages through luigi: the chain tier
 def test_checkpoint_import_through_luigi(project, tmp_path):
     ckpt = tmp_path / "gptj-ckpt"
     hf = make_checkpoint(ckpt)

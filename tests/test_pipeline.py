@@ -2,12 +2,15 @@
 import json
 from pathlib import Path
 
+import pytest
+
 
 def snapshot(directory):
     return {p.relative_to(directory).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.chain  # a chain of stages through luigi: the chain tier
 def test_only_stale_stages_rerun_and_status_says_why(project):
     p = project
     cfg = p.root / "smoke.cfg"
