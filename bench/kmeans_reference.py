@@ -1,8 +1,8 @@
 """Parameter clustering against the references, measured side by side in one run.
 
 * ours: ``pipeline.moefication.balanced_kmeans`` (balanced spherical k-means with pairwise swaps
-  after each assignment, the best of its default restarts, torch), from one seeding, and from one
-  seeding without the swaps;
+  after each assignment, torch) with its default seedings (``seedings``: four below a size, one
+  above), with four, from one, and from one without the swaps;
 * ``k-means-constrained`` (the library MoEfication's ``ParamSplit`` calls; a bench dependency:
   ``pip install k-means-constrained``) on the L2-normalised rows, with its defaults (10 inits)
   unless ``--kmc-init`` / ``--kmc-max-iter`` say otherwise;
@@ -34,6 +34,7 @@ from sklearn.preprocessing import normalize
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.moefication import balanced_kmeans, cosine_to_centroid, random_split  # noqa: E402
+from pipeline.moefication.clustering import RESTARTS  # noqa: E402
 
 
 def synthetic_rows(rows: int, dim: int, experts: int, seed: int) -> np.ndarray:
@@ -135,6 +136,7 @@ def main() -> None:
     args = p.parse_args()
     methods = {
         "ours": lambda x: balanced_kmeans(x, args.experts, seed=args.seed),
+        f"ours, {RESTARTS} seedings": lambda x: balanced_kmeans(x, args.experts, seed=args.seed, restarts=RESTARTS),
         "ours, one seeding": lambda x: balanced_kmeans(x, args.experts, seed=args.seed, restarts=1),
         "ours, no swaps": lambda x: balanced_kmeans(x, args.experts, seed=args.seed, swap_rounds=0, restarts=1),
         **({} if args.no_kmc else {"k-means-constrained": lambda x: kmeans_constrained(

@@ -59,10 +59,10 @@ class ExpertClusters(Stage):
                                  "per layer at work: its fc_in rows, the features, k-means' points and scores")
         # k-means: every point against every centroid per iteration, for each seeding's screening
         # iterations and the best one's rest; co-activation: the sample tokens through each fc_in
-        from pipeline.moefication.clustering import RESTARTS, SCREEN
+        from pipeline.moefication.clustering import SCREEN, seedings
 
         screen = min(SCREEN, self.iterations)
-        iterations = 0 if self.method == "random" else RESTARTS * screen + self.iterations - screen
+        iterations = 0 if self.method == "random" else seedings(ff, dim, k) * screen + self.iterations - screen
         needs.flops = config.n_layer * 2.0 * ff * (iterations * k * dim + (d * sample if features else 0))
         return needs
 

@@ -39,6 +39,25 @@ def test_deterministic_for_a_seed():
     assert not (random_split(256, 8, seed=1) == random_split(256, 8, seed=2)).all()
 
 
+def test_large_layers_screen_one_seeding_and_seed_from_a_sample(monkeypatch):
+    """Above ``SCREEN_WORK`` multiply-adds per iteration the default is one seeding; above
+    ``SEED_POOL`` rows k-means++ draws from a sample of them, so its centroids are sampled rows."""
+    from pipeline.moefication import clustering
+
+    rows = np.random.default_rng(4).normal(size=(512, 16))
+    four, one = (balanced_kmeans(rows, 8, seed=1, restarts=r) for r in (4, 1))
+    assert (four != one).any()  # so that which one the default ran shows
+    assert clustering.seedings(512, 16, 8) == 4 and (balanced_kmeans(rows, 8, seed=1) == four).all()
+    monkeypatch.setattr(clustering, "SCREEN_WORK", 512 * 16 * 8 - 1)
+    assert clustering.seedings(512, 16, 8) == 1 and (balanced_kmeans(rows, 8, seed=1) == one).all()
+    x = torch.nn.functional.normalize(torch.as_tensor(rows, dtype=torch.float32), dim=1)
+    monkeypatch.setattr(clustering, "SEED_POOL", 64)
+    seeded = clustering._init_centroids(x, 4, torch.Generator().manual_seed(0))
+    drawn = ((seeded[:, None] == x[None]).all(-1)).nonzero()[:, 1]
+    assert len(drawn) == 4 and len(set(drawn.tolist())) == 4  # four distinct rows of x
+    assert not torch.equal(seeded, clustering._init_centroids(x, 4, torch.Generator().manual_seed(1)))
+
+
 def test_balanced_assignment_prefers_best_scores_within_capacity():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.6], [0.1, 0.0]])
     # expert 0 has room for 2: rows 0 and 1 (the best) get it, rows 2 and 3 go to expert 1
