@@ -13,7 +13,9 @@ choose the same experts):
 * int8 MoE, gathered (1 token): the compiled weight-only gather (``gathered_ffn``), which reads
   the chosen experts' rows in place, one GEMV each way;
 * int8 MoE, bagged (1 token): the same two GEMVs on fbgemm's embedding-bag kernel
-  (``kernels.bagged``).
+  (``kernels.bagged``);
+* int8 MoE, gemv (1 token): the sparse path's integer GEMVs in C (``kernels.moe_gemv``), which
+  read the chosen experts' int8 rows in place, in QAT's arithmetic.
 
 Then batch-1 decoding with the KV cache at context ``--context`` of a one-block GPT-J-width model
 (a 512-token vocabulary, so the block dominates) in fp32, int8 and int8 + MoE as exported (the
@@ -158,6 +160,7 @@ def main() -> None:
         "int8 MoE FFN": lambda L, x: L["moe8"](x),
         "int8 MoE FFN, gathered": one_token("gathered"),
         "int8 MoE FFN, bagged": one_token("bagged"),
+        "int8 MoE FFN, gemv": one_token("gemv"),
     }
     for tokens in (1, 16):
         base = torch.randn(1, d)
@@ -181,7 +184,7 @@ def main() -> None:
         print(f"  FFN: int8 dense {t['fp32 FFN'] / t['int8 FFN (fbgemm)']:.2f}x fp32, "
               f"int8 MoE {t['fp32 FFN'] / t['int8 MoE FFN']:.2f}x fp32")
         block32 = t["fp32 attention projections"] + t["fp32 FFN"]
-        moe = min(t["int8 MoE FFN"], t["int8 MoE FFN, gathered"], t["int8 MoE FFN, bagged"])  # what export picks
+        moe = min(v for k, v in t.items() if k.startswith("int8 MoE FFN"))  # what export picks
         dense8 = t["int8 attention projections"] + t["int8 FFN (fbgemm)"]
         block8 = t["int8 attention projections"] + moe
         print(f"  int8 MoE FFN (the faster path) {t['int8 FFN (fbgemm)'] / moe:.2f}x the dense int8 FFN; block "

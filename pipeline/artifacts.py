@@ -149,6 +149,9 @@ def code_files(entry_modules: list[str], exclude: tuple[str, ...] = ()) -> dict[
         if path in seen or path in skip:
             continue
         seen[path] = normalised_source_hash(path)
+        native = path.with_suffix(".c")  # a module's C companion (kernels/moe_gemv.c) is its code too
+        if native.is_file():
+            seen[native] = hashlib.sha256(native.read_bytes()).hexdigest()
         todo.extend(module_file(m) for m in imported_modules(path))
     return {str(p.relative_to(PROJECT_ROOT)): h for p, h in sorted(seen.items())}
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from kernels import bagged
+from kernels import bagged, moe_gemv
 from kernels.int8 import int8_linear
 from pipeline import methods
 from pipeline.artifacts import save_safetensors
@@ -78,7 +78,7 @@ class Int8MoEFFN(nn.Module):
         self.register_buffer("q_w1", fc_in.q_weight)
         self.register_buffer("s_w1", fc_in.scale)
         self.register_buffer("b1", fc_in.bias.float())
-        self.register_buffer("q_w2t", fc_out.q_weight.T.contiguous())  # expert-major: an expert is a block of rows
+        self.register_buffer("q_w2b", moe_gemv.expert_blocks(fc_out.q_weight, self.num_expert))  # (experts, out, size)
         self.register_buffer("s_w2", fc_out.scale)
         self.register_buffer("b2", fc_out.bias.float())
         self.router, self.topk = router, topk
@@ -86,8 +86,8 @@ class Int8MoEFFN(nn.Module):
         self.size = len(self.b1) // self.num_expert
 
     # one token: "eager" (the dense or sparse path above), "gathered" (the compiled weight-only
-    # gather, ``gathered_ffn``) or "bagged" (fbgemm's embedding bags, ``kernels.bagged``), as the
-    # export measured fastest
+    # gather, ``gathered_ffn``), "bagged" (fbgemm's embedding bags, ``kernels.bagged``) or "gemv"
+    # (the sparse path's integer GEMVs in C, ``kernels.moe_gemv``), as the export measured fastest
     decode_path = "eager"
     _bag_tables = None
 
@@ -95,7 +95,7 @@ class Int8MoEFFN(nn.Module):
         flat = x.reshape(-1, x.shape[-1]).float()
         chosen, keep = self.top_experts(self.router(flat).float(), self.topk)
         if len(flat) == 1 and self.decode_path != "eager":
-            one = self._gathered if self.decode_path == "gathered" else self._bagged
+            one = {"gathered": self._gathered, "bagged": self._bagged, "gemv": self._gemv}[self.decode_path]
             return one(flat, chosen[0]).to(x.dtype).reshape(*x.shape[:-1], -1)
         used = torch.unique(chosen)  # sorted
         if len(used) >= self.dense_above * self.num_expert:
@@ -114,17 +114,19 @@ class Int8MoEFFN(nn.Module):
 
         h = torch.relu_(int8_linear(flat, rows(self.q_w1), rows(self.s_w1)) + rows(self.b1))
         h = h.view(len(flat), len(used), self.size).mul_(keep[:, used, None]).flatten(1)
-        return int8_linear(h, rows(self.q_w2t).T, self.s_w2) + self.b2
+        w2 = self.q_w2b.index_select(0, used).transpose(0, 1).reshape(len(self.b2), -1)  # (out, used * size)
+        return int8_linear(h, w2, self.s_w2) + self.b2
 
     def _gathered(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         e, size = self.num_expert, self.size
         return compiled_gathered_ffn()(flat[0], self.q_w1.view(e, size, -1), self.s_w1.view(e, size),
-                                       self.b1.view(e, size), self.q_w2t.view(e, size, -1), self.s_w2.view(-1),
+                                       self.b1.view(e, size), self.q_w2b, self.s_w2.view(-1),
                                        self.b2, chosen)[None]
 
     def _bagged(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         if self._bag_tables is None:
-            self._bag_tables = bagged.in_table(self.q_w1, self.num_expert), bagged.out_table(self.q_w2t)
+            q_w2t = self.q_w2b.transpose(1, 2).reshape(-1, self.q_w2b.shape[1])  # (experts * size, out)
+            self._bag_tables = bagged.in_table(self.q_w1, self.num_expert), bagged.out_table(q_w2t)
         t_in, t_out = self._bag_tables
         e, size = self.num_expert, self.size
         chosen = chosen.sort().values  # the experts' blocks in memory order
@@ -132,14 +134,20 @@ class Int8MoEFFN(nn.Module):
                         + self.b1.view(e, size)[chosen])
         return (bagged.gemv_out(t_out, h, chosen) * self.s_w2.view(-1) + self.b2)[None]
 
+    def _gemv(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """``_sparse`` for one token, bit for bit, in C: the same quantization and scaling around
+        the two integer products, which read the chosen experts' rows in place."""
+        return moe_gemv.ffn_token(flat[0], self.q_w1, self.s_w1.reshape(-1), self.b1, self.q_w2b,
+                                  self.s_w2.reshape(-1), self.b2, chosen)[None]
 
-def gathered_ffn(x, q_w1, s_w1, b1, q_w2t, s_w2, b2, chosen):
+
+def gathered_ffn(x, q_w1, s_w1, b1, q_w2b, s_w2, b2, chosen):
     """One token through the chosen experts of an int8 FFN in expert order, weight-only int8 (the
-    token stays in fp32): ``q_w1`` (experts, size, d_model) and ``q_w2t`` (experts, size, d_model)
+    token stays in fp32): ``q_w1`` (experts, size, d_model) and ``q_w2b`` (experts, d_model, size)
     int8, one scale per fc_in neuron and per fc_out output. Compiled, the gathers fuse into the two
     reductions, so each chosen expert's rows are read once and never copied: one GEMV each way."""
     h = torch.relu((q_w1[chosen].float() * x).sum(-1) * s_w1[chosen] + b1[chosen])  # (topk, size)
-    return (q_w2t[chosen].float() * h[..., None]).sum((0, 1)) * s_w2 + b2
+    return (q_w2b[chosen].float() * h[:, None, :]).sum((0, 2)) * s_w2 + b2
 
 
 @functools.cache
@@ -179,7 +187,7 @@ def dense_from(counts, sparse_seconds, dense_seconds: float, num_expert: int) ->
     return 1.0
 
 
-DECODE_PATHS = ("eager", "gathered", "bagged")
+DECODE_PATHS = ("eager", "gathered", "bagged", "gemv")
 
 
 @torch.no_grad()
@@ -249,6 +257,15 @@ def decode_path(moe: dict | None) -> str:
     return moe.get("decode_path") or ("gathered" if moe.get("gathered_decode") else "eager")
 
 
+def runnable(path: str) -> str:
+    """``path``, or "eager" where this machine cannot build what it needs (a model exported where
+    the C kernels compiled, served where they do not)."""
+    if path == "gemv" and not moe_gemv.available():
+        print(f"the gemv MoE decode path is not available here ({moe_gemv.unavailable_reason()}): running eager")
+        return "eager"
+    return path
+
+
 def is_compressed(path) -> bool:
     return (Path(path) / INT8_WEIGHTS).is_file()
 
@@ -272,6 +289,7 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
         if not (path / ROUTERS).is_file():
             raise FileNotFoundError(f"{path / ROUTERS} is missing: {path / 'config.json'} describes a MoE model")
         routers, Router = load_file(str(path / ROUTERS)), methods.use("moe").Router
+        one_token = "eager" if exact else runnable(decode_path(moe))
         for i, block in enumerate(model.transformer.h):
             a = routers[f"layer_{i:03d}.a"].float()
             router = Router(a.shape[1], moe["num_expert"])
@@ -280,5 +298,5 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
                              for m in (block.mlp.fc_in, block.mlp.fc_out))
             block.mlp = Int8MoEFFN(fc_in, fc_out, router, moe["topk"], block.mlp.fc_in, block.mlp.fc_out,
                                    moe.get("dense_above", 0.5) if dense_above is None else dense_above)
-            block.mlp.decode_path = "eager" if exact else decode_path(moe)
+            block.mlp.decode_path = one_token
     return model.eval()

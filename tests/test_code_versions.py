@@ -30,6 +30,8 @@ RUNS = {
     "kernels/backend.py": INT8,
     "kernels/bagged.py": INT8,  # pipeline.compressed runs it (the MoE decode path)
     "kernels/gemm.py": INT8,
+    "kernels/moe_gemv.c": INT8,  # compiled by kernels/moe_gemv.py: pipeline.compressed's MoE decode path
+    "kernels/moe_gemv.py": INT8,
     "kernels/int8.py": INT8,
     "kernels/sparsity.py": PRUNE,
     "kernels/threads.py": PRUNE | CLUSTERING | ROUTERS,
@@ -120,7 +122,8 @@ def default_project(tmp_path_factory):
 
 
 def test_every_module_has_a_row():
-    modules = {p.relative_to(ROOT).as_posix() for d in ("pipeline", "kernels") for p in (ROOT / d).rglob("*.py")}
+    modules = {p.relative_to(ROOT).as_posix() for d in ("pipeline", "kernels") for ext in ("py", "c")
+               for p in (ROOT / d).rglob(f"*.{ext}")}
     assert modules == set(RUNS), f"rows missing: {sorted(modules - set(RUNS))}, stale: {sorted(set(RUNS) - modules)}"
 
 
@@ -131,7 +134,9 @@ def test_an_edit_restales_exactly_the_stages_that_run_it(default_project, module
     path = p.root / module
     original = path.read_text()
     try:
-        path.write_text(original + "\n\ndef _appended_by_a_test():\n    return 1\n")
+        appended = "\nint appended_by_a_test(void) { return 1; }\n" if path.suffix == ".c" else \
+            "\n\ndef _appended_by_a_test():\n    return 1\n"
+        path.write_text(original + appended)
         after = graph(p)
     finally:
         path.write_text(original)

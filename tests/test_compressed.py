@@ -1,6 +1,7 @@
 """The compressed model (int8 weights, routers, expert permutations): what it loads computes what
 QAT trained, it is small, and pipeline.generate runs it."""
 import copy
+import functools
 import json
 import re
 import subprocess
@@ -160,7 +161,8 @@ def test_the_crossover_picks_the_faster_path_on_a_synthetic_timing_table():
 
 def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_checkpoint, tmp_path):
     """One token through the compiled weight-only gather and through fbgemm's embedding bags
-    computes the eager formula, and within int8's own error the exact MoE path; export records
+    computes the eager formula, and within int8's own error the exact MoE path, which the C GEMVs
+    compute bit for bit; export records
     which path measured fastest here, and loading runs it."""
     from pipeline.compressed import DECODE_PATHS, compiled_gathered_ffn, gathered_ffn
 
@@ -174,10 +176,10 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
     ffn = load_compressed(tmp_path / "c", exact=True).transformer.h[0].mlp
     assert ffn.decode_path == "eager"
     e, size = ffn.num_expert, ffn.size
-    args = (ffn.q_w1.view(e, size, -1), ffn.s_w1.view(e, size), ffn.b1.view(e, size), ffn.q_w2t.view(e, size, -1),
+    args = (ffn.q_w1.view(e, size, -1), ffn.s_w1.view(e, size), ffn.b1.view(e, size), ffn.q_w2b,
             ffn.s_w2.view(-1), ffn.b2)
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
-    chosen, _ = ffn.top_experts(ffn.router(x), ffn.topk)
+    chosen, keep = ffn.top_experts(ffn.router(x), ffn.topk)
     with torch.no_grad():
         eager, compiled = gathered_ffn(x[0], *args, chosen[0]), compiled_gathered_ffn()(x[0], *args, chosen[0])
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
@@ -187,6 +189,8 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
         torch.testing.assert_close(ffn(x)[0], compiled)
         ffn.decode_path = "bagged"
         torch.testing.assert_close(ffn(x)[0], eager, rtol=1e-5, atol=1e-5)
+        ffn.decode_path = "gemv"  # QAT's arithmetic, as the sparse path: the same bits
+        assert torch.equal(ffn(x)[0], ffn._sparse(x, keep, chosen[0].sort().values)[0])
 
 
 def test_the_bagged_gemvs_read_only_the_chosen_experts():
@@ -214,3 +218,55 @@ def test_the_bagged_gemvs_read_only_the_chosen_experts():
     q_w1[:size] = q_w2t[:size] = 0  # expert 0, not chosen
     torch.testing.assert_close(bagged.gemv_in(bagged.in_table(q_w1, e), x, chosen), want_in, **fp32_sum)
     torch.testing.assert_close(bagged.gemv_out(bagged.out_table(q_w2t), h, chosen), want_out, **fp32_sum)
+
+@pytest.mark.parametrize("e,size,d", [(8, 4, 24), (8, 32, 70), (6, 48, 100), (4, 17, 33)])
+def test_the_c_gemvs_sum_exactly_over_the_chosen_experts(e, size, d):
+    """``kernels.moe_gemv`` at every vector width's tail (inputs and expert sizes off 16 and 32) and
+    several thread counts gives the integer product restricted to the chosen experts, and an
+    unchosen expert's weights change nothing."""
+    from kernels import moe_gemv
+
+    g = torch.Generator().manual_seed(e * size * d)
+    q_w1 = torch.randint(-127, 128, (e * size, d), dtype=torch.int8, generator=g)
+    q_w2 = torch.randint(-127, 128, (d, e * size), dtype=torch.int8, generator=g)
+    q_x = torch.randint(-127, 128, (d,), dtype=torch.int8, generator=g)
+    q_h = torch.randint(-127, 128, (3, size), dtype=torch.int8, generator=g)
+    chosen = torch.tensor([1, 2, 3])
+    rows = (chosen[:, None] * size + torch.arange(size)).flatten()
+    want_in, want_out = q_w1[rows].int() @ q_x.int(), q_w2[:, rows].int() @ q_h.flatten().int()
+    q_w1[:size] = q_w2[:, :size] = 127  # expert 0, not chosen
+    blocks = moe_gemv.expert_blocks(q_w2, e)
+    assert blocks.shape == (e, d, size) and torch.equal(blocks[2], q_w2[:, 2 * size:3 * size])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            assert torch.equal(moe_gemv.gemv_in(q_x, q_w1, chosen, size), want_in)
+            assert torch.equal(moe_gemv.gemv_out(q_h, blocks, chosen), want_out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_c_gemvs_build_once_per_cpu_and_say_why_when_they_cannot(tmp_path, monkeypatch):
+    """The library is cached by source and CPU (a second build reuses the file); without a working
+    compiler the path is unavailable with the compiler's reason, and a model that recorded it
+    loads with the eager path instead."""
+    from kernels import moe_gemv
+
+    monkeypatch.setenv("PIPELINE_KERNEL_CACHE", str(tmp_path / "cache"))
+    first = moe_gemv._build("cc")
+    stamp = first.stat().st_mtime_ns
+    assert moe_gemv._build("cc") == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]  # no temporary left
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: error: no such thing' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setattr(moe_gemv, "_library", functools.cache(moe_gemv._library.__wrapped__))
+    assert not moe_gemv.available()
+    assert "failed on moe_gemv.c: cc: error: no such thing" in moe_gemv.unavailable_reason()
+    with pytest.raises(RuntimeError, match="not available here"):
+        moe_gemv.gemv_in(torch.zeros(4, dtype=torch.int8), torch.zeros(4, 4, dtype=torch.int8), torch.tensor([0]), 4)
+    from pipeline.compressed import runnable
+    assert runnable("gemv") == "eager" and runnable("bagged") == "bagged"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.name]
