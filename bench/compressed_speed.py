@@ -14,8 +14,8 @@ choose the same experts):
   the chosen experts' rows in place, one GEMV each way;
 * int8 MoE, bagged (1 token): the same two GEMVs on fbgemm's embedding-bag kernel
   (``kernels.bagged``);
-* int8 MoE, gemv (1 token): the sparse path's integer GEMVs in C (``kernels.moe_gemv``), which
-  read the chosen experts' int8 rows in place, in QAT's arithmetic.
+* int8 MoE, C (gemv): the sparse path in C (``kernels.moe_gemv``), which reads each chosen
+  expert's int8 rows in place, once for all the tokens that chose it, in QAT's arithmetic.
 
 Then batch-1 decoding with the KV cache at context ``--context`` of a one-block GPT-J-width model
 (a 512-token vocabulary, so the block dominates) in fp32, int8 and int8 + MoE as exported (the
@@ -48,14 +48,15 @@ def int8(w: torch.Tensor, b: torch.Tensor | None, cls):
     return cls(q, s, b)
 
 
-def one_token(path: str):
-    """The MoE FFN with its one-token path set to ``path`` (``Int8MoEFFN.decode_path``)."""
+def moe_path(path: str):
+    """The MoE FFN with its one-token path set to ``path`` (``Int8MoEFFN.decode_path``); "gemv"
+    also runs calls of more tokens in C (``Int8MoEFFN.gemv_tokens``)."""
     def run(L, x):
-        L["moe8"].decode_path = path  # only 1-token calls read it
+        L["moe8"].decode_path, L["moe8"].gemv_tokens = path, 10**9 if path == "gemv" else 0
         try:
             return L["moe8"](x)
         finally:
-            L["moe8"].decode_path = "eager"
+            L["moe8"].decode_path, L["moe8"].gemv_tokens = "eager", 0
     return run
 
 
@@ -75,7 +76,7 @@ def one_block_models(d: int, f: int, e: int, topk: int, tmp: Path) -> dict:
     export_compressed(model, tmp / "int8")
     sizes = export_compressed(model, tmp / "moe", tmp, topk, calibrate=True)
     print(f"export: dense from {sizes['dense_above']:.0%} of the experts, one token through the "
-          f"{sizes['decode_path']} path")
+          f"{sizes['decode_path']} path, calls of 2 to {sizes['gemv_tokens']} tokens in C")
     return {"fp32": model, "int8": load_compressed(tmp / "int8"), "int8 + MoE": load_compressed(tmp / "moe")}
 
 
@@ -158,9 +159,9 @@ def main() -> None:
         "fp32 FFN": lambda L, x: torch.relu(x @ L["w1"].T + L["b1"]) @ L["w2"].T + L["b2"],
         "int8 FFN (fbgemm)": lambda L, x: L["fc_out8"](torch.relu(L["fc_in8"](x))),
         "int8 MoE FFN": lambda L, x: L["moe8"](x),
-        "int8 MoE FFN, gathered": one_token("gathered"),
-        "int8 MoE FFN, bagged": one_token("bagged"),
-        "int8 MoE FFN, gemv": one_token("gemv"),
+        "int8 MoE FFN, gathered": moe_path("gathered"),
+        "int8 MoE FFN, bagged": moe_path("bagged"),
+        "int8 MoE FFN, C (gemv)": moe_path("gemv"),
     }
     for tokens in (1, 16):
         base = torch.randn(1, d)

@@ -1,8 +1,9 @@
-/* One token's two integer GEMVs through the chosen experts of an int8 FFN in expert order.
+/* A few tokens through the chosen experts of an int8 ReLU FFN in expert order, in QAT's arithmetic.
  *
- * Both read only the chosen experts' weights, in place and in memory order, and return exact
- * int32 sums: the integer half of QAT's int8 product, so that scaling them as int8_linear does
- * gives its result bit for bit. Inputs are int8 in [-127, 127] (the quantizer's range), which keeps
+ * The two integer products read only the experts some token chose, in place and in memory order,
+ * each expert's weights once for all the tokens that chose it, and sum exactly in int32; the
+ * quantization and scaling around them repeat Int8MoEFFN._sparse's fp32 operations in its order
+ * (built without FMA contraction), so the result is its result bit for bit. Inputs are int8 in [-127, 127] (the quantizer's range), which keeps
  * maddubs's pairwise int16 sums clear of saturation.
  *
  * With AVX2 a 32-lane product is |x| (unsigned) times w carrying x's sign, pairs summed to int16
@@ -19,14 +20,14 @@
 #endif
 
 #ifdef __AVX2__
-static inline __m256i madd32(__m256i acc, __m256i ax, __m256i x, const int8_t *w) {
-    __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), x));
+static inline __m256i madd32(__m256i acc, __m256i ax, __m256i x, __m256i w) {
+    __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 #endif
 #ifdef __SSSE3__
-static inline __m128i madd16(__m128i acc, __m128i ax, __m128i x, const int8_t *w) {
-    __m128i p = _mm_maddubs_epi16(ax, _mm_sign_epi8(_mm_loadu_si128((const __m128i *)w), x));
+static inline __m128i madd16(__m128i acc, __m128i ax, __m128i x, __m128i w) {
+    __m128i p = _mm_maddubs_epi16(ax, _mm_sign_epi8(w, x));
     return _mm_add_epi32(acc, _mm_madd_epi16(p, _mm_set1_epi16(1)));
 }
 static inline int32_t hsum128(__m128i s) {
@@ -46,13 +47,13 @@ static int32_t dot(const int8_t *x, const int8_t *w, int64_t n) {
     __m256i acc8 = _mm256_setzero_si256();
     for (; k + 32 <= n; k += 32) {
         __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k));
-        acc8 = madd32(acc8, _mm256_abs_epi8(xv), xv, w + k);
+        acc8 = madd32(acc8, _mm256_abs_epi8(xv), xv, _mm256_loadu_si256((const __m256i *)(w + k)));
     }
     acc = _mm_add_epi32(_mm256_castsi256_si128(acc8), _mm256_extracti128_si256(acc8, 1));
 #endif
     for (; k + 16 <= n; k += 16) {
         __m128i xv = _mm_loadu_si128((const __m128i *)(x + k));
-        acc = madd16(acc, _mm_abs_epi8(xv), xv, w + k);
+        acc = madd16(acc, _mm_abs_epi8(xv), xv, _mm_loadu_si128((const __m128i *)(w + k)));
     }
     s = hsum128(acc);
 #endif
@@ -60,66 +61,131 @@ static int32_t dot(const int8_t *x, const int8_t *w, int64_t n) {
     return s;
 }
 
-/* acc[t * size + i] = q_x . w1[chosen[t] * size + i] for the chosen experts' rows of w1
- * (experts * size, d): one dot product per row, rows split over the threads. */
-void moe_gemv_in(const int8_t *q_x, const int8_t *w1, int64_t d, const int64_t *chosen, int64_t topk,
-                 int64_t size, int32_t *acc, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < topk * size; r++)
-        acc[r] = dot(q_x, w1 + (chosen[r / size] * size + r % size) * d, d);
+/* Which tokens chose each expert: for the used experts (ascending) ``users[start[u]:start[u + 1]]``
+ * holds t * topk + k for each token t whose k-th expert (its list sorted) is used[u], and
+ * ``token`` the same places' t. */
+typedef struct { int64_t n_used, *used, *start, *users, *token; } routing;
+
+static int route(const int64_t *chosen, int64_t tokens, int64_t topk, int64_t num_expert, routing *r) {
+    int64_t *count = calloc(num_expert + 1, sizeof(int64_t));
+    r->used = malloc(num_expert * sizeof(int64_t));
+    r->start = malloc((num_expert + 1) * sizeof(int64_t));
+    r->users = malloc(tokens * topk * sizeof(int64_t));
+    r->token = malloc(tokens * topk * sizeof(int64_t));
+    if (!count || !r->used || !r->start || !r->users || !r->token) { free(count); return -1; }
+    for (int64_t k = 0; k < tokens * topk; k++) count[chosen[k]]++;
+    r->n_used = 0;
+    int64_t *fill = count;  /* reused: the next free place of each used expert */
+    for (int64_t e = 0, at = 0; e < num_expert; e++) {
+        if (!count[e]) continue;
+        r->used[r->n_used] = e;
+        r->start[r->n_used++] = at;
+        at += count[e];
+        fill[e] = r->start[r->n_used - 1];
+    }
+    r->start[r->n_used] = tokens * topk;
+    for (int64_t k = 0; k < tokens * topk; k++) {  /* t ascending */
+        r->token[fill[chosen[k]]] = k / topk;
+        r->users[fill[chosen[k]]++] = k;
+    }
+    free(count);
+    return 0;
 }
 
-/* acc[j] = sum_t q_h[t * size : (t + 1) * size] . w2b[chosen[t], j] for w2b (experts, d, size),
- * each expert's (d, size) block of fc_out's weight. Each thread owns a contiguous range of
- * outputs and reads that range of every chosen block front to back, keeping per output a vector
- * of partial sums (reduced once, at the end) rather than reducing every 32-lane product. */
+/* acc[t][k * size + i] = q_x[t] . w1[chosen[t][k] * size + i]: each used expert's rows once, split
+ * over the threads, for every token that chose it. */
+static void gemv_in(const int8_t *q_x, const int8_t *w1, int64_t d, const routing *r, int64_t size,
+                    int32_t *acc, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < r->n_used * size; item++) {
+        int64_t u = item / size, i = item % size;
+        const int8_t *row = w1 + (r->used[u] * size + i) * d;
+        for (int64_t s = r->start[u]; s < r->start[u + 1]; s++) {
+            acc[r->users[s] * size + i] = dot(q_x + r->token[s] * d, row, d);
+        }
+    }
+}
+
 #ifdef __AVX2__
 typedef __m256i part_t;
-#define LOW(part, j) (((__m128i *)(part))[2 * (j)])  /* the low 16 lanes of part[j] */
+#define LOW(p) (((__m128i *)(p))[0])  /* the low 16 lanes */
 static inline int32_t reduce(__m256i v) {
     return hsum128(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
 }
 #elif defined(__SSSE3__)
 typedef __m128i part_t;
-#define LOW(part, j) ((part)[j])
+#define LOW(p) ((p)[0])
 #define reduce hsum128
 #endif
+#define PART_BYTES (1 << 17)  /* the vector partial sums of one block of outputs, for every token: in L2 */
 
-void moe_gemv_out(const int8_t *q_h, const int8_t *w2b, int64_t d, const int64_t *chosen, int64_t topk,
-                  int64_t size, int32_t *acc, int threads) {
+/* acc[t][j] = sum_k q_h[t][k * size : (k + 1) * size] . w2b[chosen[t][k]][j] for w2b (experts, d,
+ * size), each expert's (d, size) block of fc_out's weight. Each thread owns a contiguous range of
+ * outputs, taken in blocks whose per-output vectors of partial sums (reduced once, at the end)
+ * stay in cache for every token; in a block, each used expert's rows are read front to back. */
+static void gemv_out(const int8_t *q_h, const int8_t *q_h_abs, const int8_t *w2b, int64_t d, const routing *r,
+                     int64_t tokens, int64_t size, int32_t *acc, int threads) {
+    memset(acc, 0, tokens * d * sizeof(int32_t));
     #pragma omp parallel num_threads(threads)
     {
         int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        int64_t per = (d + nt - 1) / nt, j0 = id * per, j1 = j0 + per < d ? j0 + per : d;
-        int64_t n = j1 > j0 ? j1 - j0 : 0, wide = 0;
-        (void)n;
+        int64_t per = (d + nt - 1) / nt, j0 = id * per, j1 = j0 + per < d ? j0 + per : d, wide = 0;
+        (void)q_h_abs;
 #ifdef __SSSE3__
         wide = size / 16 * 16;
-        part_t *part = n && wide ? aligned_alloc(sizeof(part_t), n * sizeof(part_t)) : NULL;
-        if (part) memset(part, 0, n * sizeof(part_t));
+        int64_t block = PART_BYTES / (tokens * (int64_t)sizeof(part_t));
+        block = block < 16 ? 16 : block;
+        part_t *part = wide && j1 > j0 ? aligned_alloc(sizeof(part_t), tokens * block * sizeof(part_t)) : NULL;
+#else
+        int64_t block = j1 - j0;
 #endif
-        for (int64_t j = j0; j < j1; j++) acc[j] = 0;
-        for (int64_t t = 0; t < topk; t++) {
-            const int8_t *h = q_h + t * size, *blk = w2b + chosen[t] * d * size;
-            for (int64_t j = j0; j < j1; j++)
-                for (int64_t i = wide; i < size; i++) acc[j] += h[i] * blk[j * size + i];
+        for (int64_t b0 = j0; b0 < j1; b0 += block) {
+            int64_t b1 = b0 + block < j1 ? b0 + block : j1, n = b1 - b0;
+            (void)n;
 #ifdef __SSSE3__
-            if (!part) continue;
-            int64_t i = 0;
-#ifdef __AVX2__
-            for (; i + 32 <= wide; i += 32) {
-                __m256i hv = _mm256_loadu_si256((const __m256i *)(h + i)), ah = _mm256_abs_epi8(hv);
-                for (int64_t j = 0; j < n; j++) part[j] = madd32(part[j], ah, hv, blk + (j0 + j) * size + i);
-            }
+            if (part) memset(part, 0, tokens * n * sizeof(part_t));
 #endif
-            for (; i < wide; i += 16) {
-                __m128i hv = _mm_loadu_si128((const __m128i *)(h + i)), ah = _mm_abs_epi8(hv);
-                for (int64_t j = 0; j < n; j++) LOW(part, j) = madd16(LOW(part, j), ah, hv, blk + (j0 + j) * size + i);
+            for (int64_t u = 0; u < r->n_used; u++) {
+                const int8_t *blk = w2b + r->used[u] * d * size;
+                for (int64_t s = r->start[u]; s < r->start[u + 1]; s++) {  /* the tails, in plain C */
+                    const int8_t *h = q_h + r->users[s] * size;
+                    int32_t *a = acc + r->token[s] * d;
+                    for (int64_t j = b0; j < b1; j++)
+                        for (int64_t i = wide; i < size; i++) a[j] += h[i] * blk[j * size + i];
+                }
+#ifdef __SSSE3__
+                if (!part) continue;
+                int64_t i = 0;
+#ifdef __AVX2__
+                for (; i + 32 <= wide; i += 32)
+                    for (int64_t s = r->start[u]; s < r->start[u + 1]; s++) {
+                        int64_t at = r->users[s] * size + i;
+                        __m256i hv = _mm256_loadu_si256((const __m256i *)(q_h + at));
+                        __m256i ah = _mm256_loadu_si256((const __m256i *)(q_h_abs + at));
+                        part_t *p = part + r->token[s] * n;
+                        const int8_t *w = blk + b0 * size + i;
+                        for (int64_t j = 0; j < n; j++)
+                            p[j] = madd32(p[j], ah, hv, _mm256_loadu_si256((const __m256i *)(w + j * size)));
+                    }
+#endif
+                for (; i < wide; i += 16)
+                    for (int64_t s = r->start[u]; s < r->start[u + 1]; s++) {
+                        int64_t at = r->users[s] * size + i;
+                        __m128i hv = _mm_loadu_si128((const __m128i *)(q_h + at));
+                        __m128i ah = _mm_loadu_si128((const __m128i *)(q_h_abs + at));
+                        part_t *p = part + r->token[s] * n;
+                        const int8_t *w = blk + b0 * size + i;
+                        for (int64_t j = 0; j < n; j++)
+                            LOW(p + j) = madd16(LOW(p + j), ah, hv, _mm_loadu_si128((const __m128i *)(w + j * size)));
+                    }
+#endif
             }
+#ifdef __SSSE3__
+            for (int64_t t = 0; part && t < tokens; t++)
+                for (int64_t j = 0; j < n; j++) acc[t * d + b0 + j] += reduce(part[t * n + j]);
 #endif
         }
 #ifdef __SSSE3__
-        for (int64_t j = 0; part && j < n; j++) acc[j0 + j] += reduce(part[j]);
         free(part);
 #endif
     }
@@ -148,39 +214,50 @@ static int by_value(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* out = the int8 FFN's sparse path for one token x (d,) through the chosen experts, in the same
- * fp32 operations and order as pipeline.compressed.Int8MoEFFN._sparse (built without FMA
- * contraction): h = relu((acc * s_x) * s_w1 + b1), out = (acc2 * s_h) * s_w2 + b2. Returns 0, or -1
+/* out (tokens, d) = Int8MoEFFN._sparse for the tokens x (tokens, d), token t through its experts
+ * chosen[t] (topk of num_expert): per token q_x = quantize(x), h = relu((acc * s_x) * s_w1 + b1)
+ * over its experts' neurons, q_h = quantize(h), out = (acc2 * s_h) * s_w2 + b2. Returns 0, or -1
  * when memory runs out. */
-int moe_ffn_token(const float *x, int64_t d, const int8_t *w1, const float *s_w1, const float *b1,
-                  const int8_t *w2b, const float *s_w2, const float *b2, const int64_t *chosen_in,
-                  int64_t topk, int64_t size, float *out, int threads) {
+int moe_ffn(const float *x, int64_t tokens, int64_t d, const int8_t *w1, const float *s_w1, const float *b1,
+            const int8_t *w2b, const float *s_w2, const float *b2, const int64_t *chosen_in, int64_t topk,
+            int64_t size, int64_t num_expert, float *out, int threads) {
     int64_t n = topk * size;
-    int64_t *chosen = malloc(topk * sizeof(int64_t));
-    int8_t *q = malloc((d > n ? d : n) * sizeof(int8_t));
-    int32_t *acc = malloc((d > n ? d : n) * sizeof(int32_t));
-    float *h = malloc(n * sizeof(float));
-    int ok = chosen && q && acc && h;
+    int64_t *chosen = malloc(tokens * topk * sizeof(int64_t));
+    int8_t *q_x = malloc(tokens * d), *q_h = malloc(tokens * n), *q_h_abs = malloc(tokens * n);
+    int32_t *acc = malloc(tokens * (d > n ? d : n) * sizeof(int32_t));
+    float *h = malloc(n * sizeof(float)), *s_x = malloc(tokens * sizeof(float)), *s_h = malloc(tokens * sizeof(float));
+    routing r = {0, NULL, NULL, NULL, NULL};
+    int ok = chosen && q_x && q_h && q_h_abs && acc && h && s_x && s_h;
     if (ok) {
-        memcpy(chosen, chosen_in, topk * sizeof(int64_t));
-        qsort(chosen, topk, sizeof(int64_t), by_value);  /* the experts' blocks in memory order */
-        float s_x = quantize_row(x, d, q);
-        moe_gemv_in(q, w1, d, chosen, topk, size, acc, threads);
-        for (int64_t r = 0; r < n; r++) {
-            int64_t row = chosen[r / size] * size + r % size;
-            float v = (float)acc[r] * s_x;
-            v = v * s_w1[row];
-            v = v + b1[row];
-            h[r] = v < 0.0f ? 0.0f : v;  /* relu keeps NaN */
+        memcpy(chosen, chosen_in, tokens * topk * sizeof(int64_t));
+        for (int64_t t = 0; t < tokens; t++) {
+            qsort(chosen + t * topk, topk, sizeof(int64_t), by_value);  /* each token's blocks in memory order */
+            s_x[t] = quantize_row(x + t * d, d, q_x + t * d);
         }
-        float s_h = quantize_row(h, n, q);
-        moe_gemv_out(q, w2b, d, chosen, topk, size, acc, threads);
-        for (int64_t j = 0; j < d; j++) {
-            float v = (float)acc[j] * s_h;
-            v = v * s_w2[j];
-            out[j] = v + b2[j];
-        }
+        ok = route(chosen, tokens, topk, num_expert, &r) == 0;
     }
-    free(chosen); free(q); free(acc); free(h);
+    if (ok) {
+        gemv_in(q_x, w1, d, &r, size, acc, threads);
+        for (int64_t t = 0; t < tokens; t++) {
+            for (int64_t k = 0; k < n; k += size)
+                for (int64_t i = 0, row = chosen[t * topk + k / size] * size; i < size; i++, row++) {
+                    float v = (float)acc[t * n + k + i] * s_x[t];
+                    v = v * s_w1[row];
+                    v = v + b1[row];
+                    h[k + i] = v < 0.0f ? 0.0f : v;  /* relu keeps NaN */
+                }
+            s_h[t] = quantize_row(h, n, q_h + t * n);
+            for (int64_t k = 0; k < n; k++) q_h_abs[t * n + k] = (int8_t)abs(q_h[t * n + k]);
+        }
+        gemv_out(q_h, q_h_abs, w2b, d, &r, tokens, size, acc, threads);
+        for (int64_t t = 0; t < tokens; t++)
+            for (int64_t j = 0; j < d; j++) {
+                float v = (float)acc[t * d + j] * s_h[t];
+                v = v * s_w2[j];
+                out[t * d + j] = v + b2[j];
+            }
+    }
+    free(chosen); free(q_x); free(q_h); free(q_h_abs); free(acc); free(h); free(s_x); free(s_h);
+    free(r.used); free(r.start); free(r.users); free(r.token);
     return ok ? 0 : -1;
 }

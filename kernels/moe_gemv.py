@@ -1,4 +1,4 @@
-"""One token's integer GEMVs through a MoE FFN's chosen experts, in C (``moe_gemv.c``).
+"""A few tokens through a MoE FFN's chosen experts, in C (``moe_gemv.c``).
 
 The C source is compiled on first use by the machine's C compiler for the machine's own vector
 unit (``-march=native``) and cached under ``$PIPELINE_KERNEL_CACHE`` (default
@@ -7,8 +7,8 @@ directory shared between an AVX2 and an AVX-512 machine holds one build for each
 compiler, or on a build that fails, ``available()`` is false and says why; the MoE FFN then keeps
 to the paths torch alone provides (``pipeline.compressed.calibrate_decode_path`` skips this one).
 
-Both GEMVs return exact int32 sums, so that scaling them as ``kernels.int8.int8_linear`` does
-gives its result bit for bit.
+The integer products sum exactly in int32 and the scaling around them repeats the sparse path's
+fp32 operations, so the result is that path's bit for bit.
 """
 from __future__ import annotations
 
@@ -71,13 +71,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(_build(compiler)))  # after torch: its libgomp is the one the library uses
     except (OSError, RuntimeError) as e:
         return None, str(e)
-    args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_int]
-    for fn in (lib.moe_gemv_in, lib.moe_gemv_out):
-        fn.argtypes, fn.restype = args, None
-    lib.moe_ffn_token.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int64,
-                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    lib.moe_ffn_token.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.moe_ffn.argtypes = [ptr, i64, i64, *[ptr] * 7, i64, i64, i64, ptr, ctypes.c_int]
+    lib.moe_ffn.restype = ctypes.c_int
     return lib, "ok"
 
 
@@ -89,11 +85,6 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
-def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
-    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError(f"moe_gemv: {name} must be a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}")
-
-
 def _kernel(name: str):
     lib, why = _library()
     if lib is None:
@@ -101,47 +92,33 @@ def _kernel(name: str):
     return getattr(lib, name)
 
 
-def _call(fn, q: torch.Tensor, w: torch.Tensor, d: int, chosen: torch.Tensor, size: int, acc: torch.Tensor):
-    for name, t, dtype in (("the activations", q, torch.int8), ("the weight", w, torch.int8),
-                           ("chosen", chosen, torch.int64)):
-        _check(name, t, dtype)
-    fn(q.data_ptr(), w.data_ptr(), d, chosen.data_ptr(), len(chosen), size, acc.data_ptr(), torch.get_num_threads())
-    return acc
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"moe_gemv: {name} must be a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}")
 
 
-def gemv_in(q_x: torch.Tensor, q_w1: torch.Tensor, chosen: torch.Tensor, size: int) -> torch.Tensor:
-    """int32 (len(chosen) * size,): ``q_w1[rows] @ q_x`` over the chosen experts' rows of ``fc_in``'s
-    int8 weight in expert order (experts * size, d_model); ``q_x`` int8 (d_model,)."""
-    acc = torch.empty(len(chosen) * size, dtype=torch.int32)
-    return _call(_kernel("moe_gemv_in"), q_x, q_w1, q_w1.shape[1], chosen, size, acc)
-
-
-def gemv_out(q_h: torch.Tensor, q_w2b: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """int32 (d_model,): ``sum_t q_w2b[chosen[t]] @ q_h[t]`` for ``q_h`` int8 (len(chosen), size) and
-    ``q_w2b`` (experts, d_model, size), each expert's block of ``fc_out``'s int8 weight."""
-    acc = torch.empty(q_w2b.shape[1], dtype=torch.int32)
-    return _call(_kernel("moe_gemv_out"), q_h, q_w2b, q_w2b.shape[1], chosen, q_w2b.shape[2], acc)
-
-
-def ffn_token(x: torch.Tensor, q_w1: torch.Tensor, s_w1: torch.Tensor, b1: torch.Tensor, q_w2b: torch.Tensor,
-              s_w2: torch.Tensor, b2: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """fp32 (d_model,): one token ``x`` (d_model,) through the chosen experts of an int8 ReLU FFN
-    in expert order, in QAT's arithmetic: ``pipeline.compressed.Int8MoEFFN._sparse`` for one
-    token, bit for bit, in one call (``q_w1`` (experts * size, d_model), ``q_w2b`` (experts,
-    d_model, size) int8; ``s_w1``, ``b1`` per fc_in neuron and ``s_w2``, ``b2`` per output, fp32)."""
-    fn = _kernel("moe_ffn_token")
+def moe_ffn(x: torch.Tensor, q_w1: torch.Tensor, s_w1: torch.Tensor, b1: torch.Tensor, q_w2b: torch.Tensor,
+            s_w2: torch.Tensor, b2: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """fp32 (tokens, d_model): tokens ``x`` (tokens, d_model), each through its experts ``chosen``
+    (tokens, topk), of an int8 ReLU FFN in expert order, in QAT's arithmetic:
+    ``pipeline.compressed.Int8MoEFFN._sparse``, bit for bit, in one call. ``q_w1`` (experts * size,
+    d_model) and ``q_w2b`` (experts, d_model, size) int8; ``s_w1``, ``b1`` per fc_in neuron and
+    ``s_w2``, ``b2`` per output, fp32."""
+    fn = _kernel("moe_ffn")
     for name, t, dtype in (("x", x, torch.float32), ("q_w1", q_w1, torch.int8), ("s_w1", s_w1, torch.float32),
                            ("b1", b1, torch.float32), ("q_w2b", q_w2b, torch.int8), ("s_w2", s_w2, torch.float32),
                            ("b2", b2, torch.float32), ("chosen", chosen, torch.int64)):
         _check(name, t, dtype)
-    d, size = q_w1.shape[1], q_w2b.shape[2]
-    if len(x) != d or len(s_w1) != len(b1) != len(q_w1) or len(s_w2) != len(b2) != d:
+    (tokens, d), (num_expert, _, size) = x.shape, q_w2b.shape
+    if (q_w1.shape != (num_expert * size, d) or q_w2b.shape[1] != d or len(s_w1) != len(b1) != len(q_w1)
+            or len(s_w2) != len(b2) != d or len(chosen) != tokens):
         raise ValueError(f"moe_gemv: shapes do not agree: x {tuple(x.shape)}, q_w1 {tuple(q_w1.shape)}, "
-                         f"q_w2b {tuple(q_w2b.shape)}, scales {len(s_w1)} / {len(s_w2)}")
-    out = torch.empty(d)
-    if fn(x.data_ptr(), d, q_w1.data_ptr(), s_w1.data_ptr(), b1.data_ptr(), q_w2b.data_ptr(), s_w2.data_ptr(),
-          b2.data_ptr(), chosen.data_ptr(), len(chosen), size, out.data_ptr(), torch.get_num_threads()) != 0:
-        raise MemoryError("moe_gemv: out of memory for one token's buffers")
+                         f"q_w2b {tuple(q_w2b.shape)}, scales {len(s_w1)} / {len(s_w2)}, chosen {tuple(chosen.shape)}")
+    out = torch.empty(tokens, d)
+    if fn(x.data_ptr(), tokens, d, q_w1.data_ptr(), s_w1.data_ptr(), b1.data_ptr(), q_w2b.data_ptr(),
+          s_w2.data_ptr(), b2.data_ptr(), chosen.data_ptr(), chosen.shape[1], size, num_expert, out.data_ptr(),
+          torch.get_num_threads()) != 0:
+        raise MemoryError(f"moe_gemv: out of memory for the buffers of {tokens} tokens")
     return out
 
 

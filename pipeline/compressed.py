@@ -89,6 +89,7 @@ class Int8MoEFFN(nn.Module):
     # gather, ``gathered_ffn``), "bagged" (fbgemm's embedding bags, ``kernels.bagged``) or "gemv"
     # (the sparse path's integer GEMVs in C, ``kernels.moe_gemv``), as the export measured fastest
     decode_path = "eager"
+    gemv_tokens = 0  # calls of 2 to this many tokens run the C path (``_gemv``), as the export measured faster
     _bag_tables = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,8 @@ class Int8MoEFFN(nn.Module):
         if len(flat) == 1 and self.decode_path != "eager":
             one = {"gathered": self._gathered, "bagged": self._bagged, "gemv": self._gemv}[self.decode_path]
             return one(flat, chosen[0]).to(x.dtype).reshape(*x.shape[:-1], -1)
+        if 1 < len(flat) <= self.gemv_tokens:
+            return self._gemv(flat, chosen).to(x.dtype).reshape(*x.shape[:-1], -1)
         used = torch.unique(chosen)  # sorted
         if len(used) >= self.dense_above * self.num_expert:
             out = self._dense(flat, keep)
@@ -135,10 +138,11 @@ class Int8MoEFFN(nn.Module):
         return (bagged.gemv_out(t_out, h, chosen) * self.s_w2.view(-1) + self.b2)[None]
 
     def _gemv(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """``_sparse`` for one token, bit for bit, in C: the same quantization and scaling around
-        the two integer products, which read the chosen experts' rows in place."""
-        return moe_gemv.ffn_token(flat[0], self.q_w1, self.s_w1.reshape(-1), self.b1, self.q_w2b,
-                                  self.s_w2.reshape(-1), self.b2, chosen)[None]
+        """``_sparse``, bit for bit, in C (``kernels.moe_gemv``): the same quantization and scaling
+        around the two integer products, which read each chosen expert's rows in place, once for
+        all the tokens that chose it. ``chosen``: (tokens, topk), or (topk,) for one token."""
+        return moe_gemv.moe_ffn(flat.contiguous(), self.q_w1, self.s_w1.reshape(-1), self.b1, self.q_w2b,
+                                self.s_w2.reshape(-1), self.b2, chosen.reshape(len(flat), -1).contiguous())
 
 
 def gathered_ffn(x, q_w1, s_w1, b1, q_w2b, s_w2, b2, chosen):
@@ -208,13 +212,52 @@ def calibrate_decode_path(ffn: Int8MoEFFN, repeats: int = 20) -> dict:
     return {"decode_path": min(times, key=times.get), "decode_ms": {k: round(v * 1e3, 4) for k, v in times.items()}}
 
 
+GEMV_TOKENS = (2, 4, 8, 16, 32, 64, 128, 256)  # the call sizes the C path is timed at
+
+
+@torch.no_grad()
+def calibrate_gemv_tokens(ffn: Int8MoEFFN, repeats: int = 5) -> int:
+    """The largest call (of ``GEMV_TOKENS``) up to which the C path (``Int8MoEFFN._gemv``) runs
+    faster than the path the call would otherwise take, timed here on ``ffn``'s own weights with
+    random tokens (whose experts overlap least: the C path's worst case); 0 where it cannot run."""
+    if not moe_gemv.available():
+        return 0
+    g = torch.Generator().manual_seed(0)
+
+    def seconds(tokens: int) -> tuple[float, float]:
+        x = torch.randn(tokens, ffn.q_w1.shape[1], generator=g)
+        timed = []
+        for gemv_tokens in (tokens, 0):
+            ffn.gemv_tokens = gemv_tokens
+            timed.append(median_seconds(lambda: ffn(x), repeats))
+        return timed[0], timed[1]
+
+    try:
+        return gemv_up_to(GEMV_TOKENS, seconds)
+    finally:
+        ffn.gemv_tokens = 0
+
+
+def gemv_up_to(counts, seconds) -> int:
+    """Of ``counts`` (ascending call sizes), the last before the first at which ``seconds(tokens)``
+    = (C path, other path) says the C path is no faster; 0 when it loses at the first."""
+    last = 0
+    for tokens in counts:
+        gemv, other = seconds(tokens)
+        if gemv >= other:
+            break
+        last = tokens
+    return last
+
+
 @torch.no_grad()
 def export_compressed(model, path, routers: Path | None = None, topk: int | None = None,
                       calibrate: bool = False) -> dict:
     """Write the compressed model of ``model`` (a dense GPTJ) to ``path``; with ``routers`` (a
     Routers artifact directory) and ``topk`` its FFNs become int8 MoE layers, and with
-    ``calibrate`` the share of experts from which a call runs the dense path is measured here and
-    recorded in config.json (else 0.5). Returns byte sizes (and the share)."""
+    ``calibrate`` what each call size runs is measured here and recorded in config.json: the share
+    of experts from which a call runs the dense path (else 0.5), the fastest one-token path and
+    the largest call the C path runs. Returns byte sizes (and those choices)."""
     path = Path(path)
     model = copy.deepcopy(model).cpu().float()
     moe = None
@@ -242,11 +285,12 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
             ffn = load_compressed(path).transformer.h[0].mlp  # loaded once for both measurements
             moe["dense_above"] = ffn.dense_above = calibrate_dense_above(ffn)
             moe.update(calibrate_decode_path(ffn))
+            moe["gemv_tokens"] = calibrate_gemv_tokens(ffn)
             (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
     files = [INT8_WEIGHTS] + ([ROUTERS, EXPERTS] if moe else [])
     return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"],
             "sparse_matrices": sizes["sparse_matrices"], "dense_above": moe and moe["dense_above"],
-            "decode_path": decode_path(moe)}
+            "decode_path": decode_path(moe), "gemv_tokens": (moe or {}).get("gemv_tokens", 0)}
 
 
 def decode_path(moe: dict | None) -> str:
@@ -290,6 +334,7 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
             raise FileNotFoundError(f"{path / ROUTERS} is missing: {path / 'config.json'} describes a MoE model")
         routers, Router = load_file(str(path / ROUTERS)), methods.use("moe").Router
         one_token = "eager" if exact else runnable(decode_path(moe))
+        gemv_tokens = moe.get("gemv_tokens", 0) if not exact and moe_gemv.available() else 0
         for i, block in enumerate(model.transformer.h):
             a = routers[f"layer_{i:03d}.a"].float()
             router = Router(a.shape[1], moe["num_expert"])
@@ -298,5 +343,5 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
                              for m in (block.mlp.fc_in, block.mlp.fc_out))
             block.mlp = Int8MoEFFN(fc_in, fc_out, router, moe["topk"], block.mlp.fc_in, block.mlp.fc_out,
                                    moe.get("dense_above", 0.5) if dense_above is None else dense_above)
-            block.mlp.decode_path = one_token
+            block.mlp.decode_path, block.mlp.gemv_tokens = one_token, gemv_tokens
     return model.eval()

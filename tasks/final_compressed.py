@@ -139,7 +139,7 @@ class FinalCompressed(DistillingStage):
                 deployed, exact = (r["perplexity"] for r in results.values())
                 metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"],
                                compressed_sparse_matrices=sizes["sparse_matrices"],
-                               moe_decode_path=sizes["decode_path"],
+                               moe_decode_path=sizes["decode_path"], moe_gemv_tokens=sizes["gemv_tokens"],
                                compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
                                compressed_valid_perplexity=round(deployed, 4),
                                compressed_perplexity_ratio=round(deployed / teacher, 4),

@@ -164,7 +164,7 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
     computes the eager formula, and within int8's own error the exact MoE path, which the C GEMVs
     compute bit for bit; export records
     which path measured fastest here, and loading runs it."""
-    from pipeline.compressed import DECODE_PATHS, compiled_gathered_ffn, gathered_ffn
+    from pipeline.compressed import DECODE_PATHS, GEMV_TOKENS, compiled_gathered_ffn, gathered_ffn
 
     model, ckpt = relu_model_and_checkpoint
     sizes = export_compressed(model, tmp_path / "c", ckpt, 3, calibrate=True)
@@ -173,6 +173,8 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
     times = config["moe"]["decode_ms"]
     assert config["moe"]["decode_path"] == sizes["decode_path"] == min(times, key=times.get)
     assert load_compressed(tmp_path / "c").transformer.h[1].mlp.decode_path == sizes["decode_path"]
+    assert config["moe"]["gemv_tokens"] == sizes["gemv_tokens"] in (0, *GEMV_TOKENS)
+    assert load_compressed(tmp_path / "c").transformer.h[1].mlp.gemv_tokens == sizes["gemv_tokens"]
     ffn = load_compressed(tmp_path / "c", exact=True).transformer.h[0].mlp
     assert ffn.decode_path == "eager"
     e, size = ffn.num_expert, ffn.size
@@ -190,7 +192,7 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
         ffn.decode_path = "bagged"
         torch.testing.assert_close(ffn(x)[0], eager, rtol=1e-5, atol=1e-5)
         ffn.decode_path = "gemv"  # QAT's arithmetic, as the sparse path: the same bits
-        assert torch.equal(ffn(x)[0], ffn._sparse(x, keep, chosen[0].sort().values)[0])
+        assert torch.equal(ffn(x), ffn._sparse(x, keep, chosen[0].sort().values))
 
 
 def test_the_bagged_gemvs_read_only_the_chosen_experts():
@@ -220,31 +222,41 @@ def test_the_bagged_gemvs_read_only_the_chosen_experts():
     torch.testing.assert_close(bagged.gemv_out(bagged.out_table(q_w2t), h, chosen), want_out, **fp32_sum)
 
 @pytest.mark.parametrize("e,size,d", [(8, 4, 24), (8, 32, 70), (6, 48, 100), (4, 17, 33)])
-def test_the_c_gemvs_sum_exactly_over_the_chosen_experts(e, size, d):
-    """``kernels.moe_gemv`` at every vector width's tail (inputs and expert sizes off 16 and 32) and
-    several thread counts gives the integer product restricted to the chosen experts, and an
-    unchosen expert's weights change nothing."""
-    from kernels import moe_gemv
+def test_the_c_path_is_the_sparse_path_bit_for_bit(e, size, d):
+    """``kernels.moe_gemv`` for 1 to 5 tokens, at every vector width's tail (inputs and expert
+    sizes off 16 and 32) and at several thread counts, computes ``Int8MoEFFN._sparse``'s bits, and
+    an unchosen expert's weights change nothing."""
+    from pipeline.moefication.router import Router
 
     g = torch.Generator().manual_seed(e * size * d)
-    q_w1 = torch.randint(-127, 128, (e * size, d), dtype=torch.int8, generator=g)
-    q_w2 = torch.randint(-127, 128, (d, e * size), dtype=torch.int8, generator=g)
-    q_x = torch.randint(-127, 128, (d,), dtype=torch.int8, generator=g)
-    q_h = torch.randint(-127, 128, (3, size), dtype=torch.int8, generator=g)
-    chosen = torch.tensor([1, 2, 3])
-    rows = (chosen[:, None] * size + torch.arange(size)).flatten()
-    want_in, want_out = q_w1[rows].int() @ q_x.int(), q_w2[:, rows].int() @ q_h.flatten().int()
-    q_w1[:size] = q_w2[:, :size] = 127  # expert 0, not chosen
-    blocks = moe_gemv.expert_blocks(q_w2, e)
-    assert blocks.shape == (e, d, size) and torch.equal(blocks[2], q_w2[:, 2 * size:3 * size])
+    w1, w2 = torch.randn(e * size, d, generator=g), torch.randn(d, e * size, generator=g)
+    b1, b2 = torch.randn(e * size, generator=g), torch.randn(d, generator=g)
+    w1[:size] = w2[:, :size] = 1e3  # expert 0 is never chosen: huge weights there would show
+    ffn = Int8MoEFFN(*(QLinear(*quantize_rows(w), b) for w, b in ((w1, b1), (w2, b2))), Router(d, e), 3)
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2, 3, 5):
+        for n, tokens in ((1, 1), (2, 3), (3, 5), (5, 2)):
             torch.set_num_threads(n)
-            assert torch.equal(moe_gemv.gemv_in(q_x, q_w1, chosen, size), want_in)
-            assert torch.equal(moe_gemv.gemv_out(q_h, blocks, chosen), want_out)
+            x = torch.randn(tokens, d, generator=g)
+            chosen = torch.stack([torch.randperm(e - 1, generator=g)[:3] + 1 for _ in range(tokens)])
+            keep = torch.zeros(tokens, e).scatter_(1, chosen, 1.0)
+            want = ffn._sparse(x, keep, torch.unique(chosen))
+            assert torch.equal(ffn._gemv(x, chosen), want), (n, tokens)
+            ffn.gemv_tokens, ffn.decode_path, route = tokens, "gemv", ffn.top_experts
+            ffn.top_experts = lambda scores, k: (chosen, keep)
+            assert torch.equal(ffn(x), want)  # the forward runs it for calls up to gemv_tokens
+            ffn.top_experts = route
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_c_path_runs_up_to_the_call_size_where_it_stops_winning():
+    from pipeline.compressed import gemv_up_to
+
+    table = {2: (1.0, 3.0), 4: (2.0, 3.5), 8: (4.0, 4.0), 16: (8.0, 5.0)}.__getitem__  # (C, other) seconds
+    assert gemv_up_to([2, 4, 8, 16], table) == 4  # from 8 tokens on the C path is no faster
+    assert gemv_up_to([2, 4], table) == 4  # faster at every size timed
+    assert gemv_up_to([8, 16], table) == 0  # never faster
 
 
 def test_the_c_gemvs_build_once_per_cpu_and_say_why_when_they_cannot(tmp_path, monkeypatch):
@@ -266,7 +278,9 @@ def test_the_c_gemvs_build_once_per_cpu_and_say_why_when_they_cannot(tmp_path, m
     assert not moe_gemv.available()
     assert "failed on moe_gemv.c: cc: error: no such thing" in moe_gemv.unavailable_reason()
     with pytest.raises(RuntimeError, match="not available here"):
-        moe_gemv.gemv_in(torch.zeros(4, dtype=torch.int8), torch.zeros(4, 4, dtype=torch.int8), torch.tensor([0]), 4)
+        moe_gemv.moe_ffn(*(torch.zeros(*shape, dtype=dtype) for shape, dtype in (
+            ((1, 4), torch.float32), ((4, 4), torch.int8), ((4,), torch.float32), ((4,), torch.float32),
+            ((1, 4, 4), torch.int8), ((4,), torch.float32), ((4,), torch.float32), ((1, 1), torch.int64))))
     from pipeline.compressed import runnable
     assert runnable("gemv") == "eager" and runnable("bagged") == "bagged"
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.name]
