@@ -123,7 +123,7 @@ class Int8MoEFFN(nn.Module):
     def _gathered(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         e, size = self.num_expert, self.size
         return compiled_gathered_ffn()(flat[0], self.q_w1.view(e, size, -1), self.s_w1.view(e, size),
-                                       self.b1.view(e, size), self.q_w2b, self.s_w2.view(-1),
+                                       self.b1.view(e, size), self.q_w2b.transpose(1, 2), self.s_w2.view(-1),
                                        self.b2, chosen)[None]
 
     def _bagged(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -145,13 +145,13 @@ class Int8MoEFFN(nn.Module):
                                 self.s_w2.reshape(-1), self.b2, chosen.reshape(len(flat), -1).contiguous())
 
 
-def gathered_ffn(x, q_w1, s_w1, b1, q_w2b, s_w2, b2, chosen):
+def gathered_ffn(x, q_w1, s_w1, b1, q_w2t, s_w2, b2, chosen):
     """One token through the chosen experts of an int8 FFN in expert order, weight-only int8 (the
-    token stays in fp32): ``q_w1`` (experts, size, d_model) and ``q_w2b`` (experts, d_model, size)
+    token stays in fp32): ``q_w1`` (experts, size, d_model) and ``q_w2t`` (experts, size, d_model)
     int8, one scale per fc_in neuron and per fc_out output. Compiled, the gathers fuse into the two
     reductions, so each chosen expert's rows are read once and never copied: one GEMV each way."""
     h = torch.relu((q_w1[chosen].float() * x).sum(-1) * s_w1[chosen] + b1[chosen])  # (topk, size)
-    return (q_w2b[chosen].float() * h[:, None, :]).sum((0, 2)) * s_w2 + b2
+    return (q_w2t[chosen].float() * h[..., None]).sum((0, 1)) * s_w2 + b2
 
 
 @functools.cache

@@ -178,7 +178,7 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
     ffn = load_compressed(tmp_path / "c", exact=True).transformer.h[0].mlp
     assert ffn.decode_path == "eager"
     e, size = ffn.num_expert, ffn.size
-    args = (ffn.q_w1.view(e, size, -1), ffn.s_w1.view(e, size), ffn.b1.view(e, size), ffn.q_w2b,
+    args = (ffn.q_w1.view(e, size, -1), ffn.s_w1.view(e, size), ffn.b1.view(e, size), ffn.q_w2b.transpose(1, 2),
             ffn.s_w2.view(-1), ffn.b2)
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
     chosen, keep = ffn.top_experts(ffn.router(x), ffn.topk)
