@@ -104,9 +104,11 @@ class Report(Stage):
             if toggles["int8"]:
                 moe = ""
                 if toggles["moe"]:
-                    share = artifact.metrics["moe_dense_above"]
-                    moe = (f"; MoE FFNs on the sparse path below {share:.0%} of the experts per call and masked dense "
-                           f"from there (the crossover measured at export{', so always dense here' if share * num_expert <= topk else ''})")
+                    share, gemv = artifact.metrics["moe_dense_above"], artifact.metrics.get("moe_gemv_tokens", 0)
+                    moe = (f"; MoE FFNs: one token on the {artifact.metrics['moe_decode_path']} path"
+                           + (f", calls of 2 to {gemv} tokens on the C path" if gemv else "")
+                           + f", longer calls on the sparse path below {share:.0%} of the experts per call and masked "
+                           f"dense from there (as measured at export{', so always dense' if share * num_expert <= topk else ''})")
                 return (name, job(name, load_compressed, cpu=True, path=str(artifact.path / COMPRESSED_DIR)),
                         artifact.metrics["compressed_bytes"],
                         f"FinalCompressed {artifact.version}: {artifact.metrics['variant']}, int8 model as deployed "

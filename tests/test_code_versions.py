@@ -127,6 +127,7 @@ def test_every_module_has_a_row():
     assert modules == set(RUNS), f"rows missing: {sorted(modules - set(RUNS))}, stale: {sorted(set(RUNS) - modules)}"
 
 
+@pytest.mark.chain  # one `tasks.status` run per module (about 6 s each): the chain tier
 @pytest.mark.parametrize("module", sorted(RUNS))
 def test_an_edit_restales_exactly_the_stages_that_run_it(default_project, module):
     p, before = default_project
