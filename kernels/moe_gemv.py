@@ -5,7 +5,7 @@ unit (``-march=native``) and cached under ``$PIPELINE_KERNEL_CACHE`` (default
 ``~/.cache/pipeline/kernels``), keyed by the source, the command and the CPU, so that a home
 directory shared between an AVX2 and an AVX-512 machine holds one build for each. Without a
 compiler, or on a build that fails, ``available()`` is false and says why; the MoE FFN then keeps
-to the paths torch alone provides (``pipeline.compressed.calibrate_decode_path`` skips this one).
+to the paths torch alone provides (the export's timings leave this one out).
 
 The integer products sum exactly in int32 and the scaling around them repeats the sparse path's
 fp32 operations, so the result is that path's bit for bit.
@@ -124,6 +124,6 @@ def moe_ffn(x: torch.Tensor, q_w1: torch.Tensor, s_w1: torch.Tensor, b1: torch.T
 
 def expert_blocks(q_w2: torch.Tensor, num_expert: int) -> torch.Tensor:
     """``fc_out``'s int8 weight (d_model, experts * size) as (experts, d_model, size): one
-    contiguous block per expert, the layout ``gemv_out`` reads."""
+    contiguous block per expert, the layout ``moe_ffn`` reads."""
     d_model = q_w2.shape[0]
     return q_w2.view(d_model, num_expert, -1).transpose(0, 1).contiguous()
