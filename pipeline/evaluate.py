@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline import resources
+
 
 def windows(tokens: np.ndarray, seq_len: int, max_tokens: int = 0) -> np.ndarray:
     """Non-overlapping windows of ``seq_len + 1`` tokens (input plus shifted target). All of them,
@@ -30,7 +32,8 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, max
     share of ``fc_in`` outputs at or below zero, which ReLU zeroes); with a ``teacher``, the
     fidelity to it on the same windows: the mean per-token KL divergence of the model's
     next-token distribution from the teacher's (``kl``) and the share of positions where both
-    rank the same token first (``top1_agreement``).
+    rank the same token first (``top1_agreement``). ``teacher`` gives the teacher's next-token
+    log-probabilities for a batch of inputs (a ``TeacherOutputs``).
 
     With ``world`` ranks (a process group), batch ``b`` is computed by rank ``b % world`` and the
     per-batch sums are reduced, each batch's own sum added to zeros: every rank returns exactly
@@ -54,7 +57,7 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, max
             logits = model(chunk[:, :-1]).float()
             sums[b, 0] = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
             if teacher is not None:
-                sums[b, 1:] = torch.tensor(fidelity_sums(logits, teacher(chunk[:, :-1]).float()))
+                sums[b, 1:] = torch.tensor(fidelity_sums(logits, teacher(chunk[:, :-1])))
     finally:
         for h in hooks:
             h.remove()
@@ -74,13 +77,40 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, max
 PROMPTS, NEW_TOKENS = 16, 32  # greedy agreement: prompts from the evaluated split, tokens generated for each
 
 
-def fidelity_sums(logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[float, float]:
-    """(sum over positions of KL(teacher || model), positions where both rank the same token first)."""
-    log_p, log_q = F.log_softmax(teacher_logits, dim=-1), F.log_softmax(logits, dim=-1)
+def fidelity_sums(logits: torch.Tensor, teacher_log_p: torch.Tensor) -> tuple[float, float]:
+    """(sum over positions of KL(teacher || model), positions where both rank the same token first),
+    from the teacher's next-token log-probabilities."""
+    log_q = F.log_softmax(logits, dim=-1)
     # per position over the vocabulary, then over positions in float64: the same sums in the same
     # order whatever the thread count (one big reduction is split over threads differently)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).double().sum()
-    return float(kl), float((teacher_logits.argmax(-1) == logits.argmax(-1)).sum())
+    kl = (teacher_log_p.exp() * (teacher_log_p - log_q)).sum(-1).double().sum()
+    return float(kl), float((teacher_log_p.argmax(-1) == logits.argmax(-1)).sum())
+
+
+class TeacherOutputs:
+    """The teacher's next-token log-probabilities for a batch of inputs. Every model of an
+    evaluation reads the same windows, so the teacher's are computed once, for the first model,
+    and kept for the others while they fit in ``budget`` bytes (the rest are recomputed: the same
+    values either way, the forward being deterministic for the same batch)."""
+
+    def __init__(self, model, budget: int | None = None):
+        self.model, self.kept, self.held = model, {}, 0
+        self.budget = resources.TEACHER_CACHE_BYTES if budget is None else budget
+
+    def to(self, device) -> "TeacherOutputs":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        key = (inputs.shape, inputs.cpu().numpy().tobytes())
+        if key in self.kept:
+            return self.kept[key].to(inputs.device)
+        log_p = F.log_softmax(self.model(inputs).float(), dim=-1)
+        size = log_p.numel() * log_p.element_size()
+        if self.held + size <= self.budget:
+            self.kept[key], self.held = log_p, self.held + size
+        return log_p
 
 
 @torch.no_grad()
@@ -157,15 +187,16 @@ def run_jobs(jobs: list[dict], tokens: np.ndarray, seq_len: int, max_tokens: int
              device: str | torch.device = "cpu", reference: dict | None = None, prompts: int = PROMPTS,
              new_tokens: int = NEW_TOKENS) -> dict[str, dict]:
     """{job name: perplexity result}, one model loaded at a time. With a ``reference`` job (the
-    teacher, held throughout: two models at most), each result also has the model's fidelity to
-    it: ``kl`` and ``top1_agreement`` on the same windows, and ``greedy_agreement`` over
+    teacher, held throughout with its outputs, ``TeacherOutputs``: two models at most), each
+    result also has the model's fidelity to it: ``kl`` and ``top1_agreement`` on the same windows, and ``greedy_agreement`` over
     ``prompts`` prompts from ``tokens`` (``greedy_agreement``)."""
     results, teacher = {}, None
     if reference:
-        teacher = load_job_model(reference).to(device).eval()
-        new_tokens = min(new_tokens, teacher.config.n_positions - 1)
-        prompt_len = max(1, min(32, teacher.config.n_positions - new_tokens))
-        continuations = teacher_continuations(teacher, tokens, prompts, prompt_len, new_tokens, device, rank, world)
+        model = load_job_model(reference).to(device).eval()
+        new_tokens = min(new_tokens, model.config.n_positions - 1)
+        prompt_len = max(1, min(32, model.config.n_positions - new_tokens))
+        continuations = teacher_continuations(model, tokens, prompts, prompt_len, new_tokens, device, rank, world)
+        teacher = TeacherOutputs(model)
     for spec in jobs:
         on = "cpu" if spec.get("cpu") else device
         model = load_job_model(spec).to(on)

@@ -36,6 +36,7 @@ class Needs:
                 "estimated_flops": float(self.flops), "estimated_rank_memory_bytes": int(self.rank_memory)}
 
 
+TEACHER_CACHE_BYTES = 2 << 30  # an evaluation keeps up to this much of the teacher's outputs (pipeline.evaluate)
 PROCESS_BYTES = 256 * 1024**2  # the interpreter and its libraries, in every process a stage starts
 # the interpreter with Luigi, numpy and tokenizers but no torch: the process of a stage that runs
 # before any other (the Corpus) and imports no torch

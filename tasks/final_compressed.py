@@ -71,7 +71,8 @@ class FinalCompressed(DistillingStage):
         return " + ".join(parts) or "fine-tuning"
 
     def needs(self):
-        return self.training_needs(teacher=self.distill, export_int8=self.int8, evaluations=4 if self.int8 else 2)
+        return self.training_needs(teacher=self.distill, export_int8=self.int8, evaluations=3 if self.int8 else 1,
+                                   reference=True)
 
     def build(self, build, inputs) -> None:
         from pipeline import methods
@@ -125,6 +126,8 @@ class FinalCompressed(DistillingStage):
                            perplexity_ratio=round(ours["perplexity"] / teacher, 4), kl=round(ours["kl"], 5),
                            top1_agreement=round(ours["top1_agreement"], 4),
                            greedy_agreement=round(ours["greedy_agreement"], 2))
+            if not self.int8 and not self.moe:  # as trained is as deployed: the same fp32 weights, dense
+                metrics["deployed_evaluation"] = deployed_figures(ours)
             if self.int8:
                 compressed = methods.use("compressed")
                 out = build.path / compressed.COMPRESSED_DIR
@@ -135,7 +138,9 @@ class FinalCompressed(DistillingStage):
                 # as deployed (fbgemm, the measured dense/sparse crossover), and in QAT's arithmetic
                 jobs = [job(f"compressed, exact={e}", compressed.load_compressed, cpu=True, path=str(out), exact=e)
                         for e in (False, True)]
-                results = evaluate(build, jobs, valid, self.seq_len, self.eval_tokens, tag="evaluate-compressed")
+                results = evaluate(build, jobs, valid, self.seq_len, self.eval_tokens, tag="evaluate-compressed",
+                                   reference=reference)
+                metrics["deployed_evaluation"] = deployed_figures(results[jobs[0]["name"]])
                 deployed, exact = (r["perplexity"] for r in results.values())
                 metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"],
                                compressed_sparse_matrices=sizes["sparse_matrices"],
@@ -148,3 +153,20 @@ class FinalCompressed(DistillingStage):
                  or ".mlp.fc_" in n and n.endswith("weight")]
         metrics["pruned_weight_zeros"] = round(sum(zeros) / len(zeros), 4)
         build.metrics.update(metrics)
+
+
+def deployed_figures(result: dict) -> dict:
+    """The perplexity and fidelity to the teacher of one evaluation result (``pipeline.evaluate.run_jobs``)."""
+    return {k: result[k] for k in ("perplexity", "kl", "top1_agreement", "greedy_agreement")}
+
+
+def recorded_deployed(artifact, seq_len: int, eval_tokens: int) -> dict | None:
+    """The perplexity and fidelity to the teacher that a FinalCompressed ``artifact`` measured of
+    its model as deployed (the int8 model in ``compressed/``, or the dense weights as they are),
+    when measured with these windows and this many tokens: what the Report would measure (the same
+    evaluation gives the same figures); else None (a MoE run without int8 has no such record: its
+    deployed form, the sparse MoE path, is the Report's to evaluate)."""
+    params = artifact.manifest["params"]
+    if params.get("seq_len") == seq_len and params.get("eval_tokens") == eval_tokens:
+        return artifact.metrics.get("deployed_evaluation")
+    return None

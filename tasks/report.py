@@ -6,7 +6,9 @@ nothing compressed), 2:4 + KD, int8 QAT + KD, int8 + 2:4 + KD, MoE + KD (each a 
 run with those toggles and the configured training settings), the configured FinalCompressed, and
 int8 post-training quantization of the teacher without training (the baseline QAT must beat).
 Every row's perplexity is compared with the teacher's and with the control's: the control's ratio
-is what compression costs, the teacher's adds what the extra training gained."""
+is what compression costs, the teacher's adds what the extra training gained. A FinalCompressed
+run measures its deployed model on the same windows when its evaluation settings are the
+Report's; those figures are read from its manifest (``recorded_deployed``), not measured again."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +18,7 @@ import luigi
 from tasks.base_model import BaseModel
 from tasks.corpus import Corpus, check_windows
 from tasks.ranks import evaluate
-from tasks.final_compressed import FinalCompressed
+from tasks.final_compressed import FinalCompressed, recorded_deployed
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
 from tasks.params import Count, HarnessTasks, SeqLen
@@ -73,7 +75,7 @@ class Report(Stage):
 
         model = self.model_bytes()
         # every row beside the teacher's own forward on the same windows (its fidelity)
-        flops, rank = self.evaluation_needs(2 * (len(VARIANTS) + 5), self.eval_tokens)
+        flops, rank = self.evaluation_needs(len(VARIANTS) + 5, self.eval_tokens, reference=True)
         return Needs(int8_export_bytes(model) + 5 * 2**20, 2.5 * model,
                      "an int8 copy of the teacher and five plots; the teacher and one variant held at a time",
                      flops, 2 * rank)
@@ -120,6 +122,7 @@ class Report(Stage):
                     f"FinalCompressed {artifact.version}: {artifact.metrics['variant']}, dense fp32 weights with the "
                     f"2:4 zeros stored (no sparse format)")
 
+        finals = {**{name: name for name in VARIANTS}, f"final: {inputs['final'].metrics['variant']}": "final"}
         ptq_dir = build.path / "int8_ptq"
         ptq = export_compressed(from_pretrained(base.path).eval(), ptq_dir)
         moe_name, ptq_name = f"MoE {round(100 * topk / num_expert)}% experts", "int8 PTQ (no training)"
@@ -130,14 +133,18 @@ class Report(Stage):
             (moe_name, moe_model(moe_name, relu.path, routers.path),
              dense_bytes(relu) + sum(routers.file(f).stat().st_size for f in (CLUSTERS, ROUTERS)),
              f"the ReLU model with Routers {routers.version}, top-{topk} of {num_expert}, sparse MoE path, fp32"),
-            *[final_row(name, inputs[name]) for name in VARIANTS],
-            final_row(f"final: {inputs['final'].metrics['variant']}", inputs["final"]),
+            *[final_row(name, inputs[key]) for name, key in finals.items()],
             (ptq_name, job(ptq_name, load_compressed, cpu=True, path=str(ptq_dir)), ptq["bytes"],
              "the teacher's weights rounded to int8 per row, no training: the baseline QAT must beat"),
         ]
+        # the FinalCompressed runs' own evaluations of their deployed models, where they used these windows
+        recorded = {name: recorded_deployed(inputs[key], self.seq_len, self.eval_tokens) for name, key in finals.items()}
+        recorded = {name: figures for name, figures in recorded.items() if figures is not None}
         with build.timed("evaluate"):  # on the [pipeline] ranks: the teacher and one variant at a time
-            evaluations = evaluate(build, [spec for _, spec, _, _ in rows], inputs["Corpus"].file("valid.npy"),
-                                   self.seq_len, self.eval_tokens, reference=rows[0][1])
+            evaluations = evaluate(build, [spec for name, spec, _, _ in rows if name not in recorded],
+                                   inputs["Corpus"].file("valid.npy"), self.seq_len, self.eval_tokens,
+                                   reference=rows[0][1])
+        evaluations.update(recorded)
         teacher_model = from_pretrained(base.path).eval()
         with build.timed("speed"):  # here, the teacher and one variant at a time
             results = compare(measure_rows(teacher_model, rows, evaluations, teacher_model.config.vocab_size,

@@ -232,10 +232,15 @@ class Stage(luigi.Task):
         """The fp32 bytes of the model this run compresses."""
         return 4.0 * pipeline_settings().architecture().num_params()
 
-    def evaluation_needs(self, models: int, tokens: int) -> tuple[float, float]:
-        """(FLOPs, bytes per rank) of evaluating ``models`` models on ``tokens`` tokens each."""
-        params = pipeline_settings().architecture().num_params()
-        return 2.0 * params * tokens * models, 4.0 * params
+    def evaluation_needs(self, models: int, tokens: int, reference: bool = False) -> tuple[float, float]:
+        """(FLOPs, bytes per rank) of evaluating ``models`` models on ``tokens`` tokens each; with
+        a ``reference`` (the teacher's forward once, its outputs kept, ``TeacherOutputs``) too."""
+        from pipeline.resources import TEACHER_CACHE_BYTES
+
+        config = pipeline_settings().architecture()
+        params = config.num_params()
+        kept = min(TEACHER_CACHE_BYTES, 4.0 * tokens * config.vocab_size) if reference else 0.0
+        return 2.0 * params * tokens * (models + reference), 4.0 * params + kept
 
     def open_inputs(self, store: Store) -> dict[str, Artifact]:
         """The upstream artifacts, each verified against its manifest; a broken one is moved aside

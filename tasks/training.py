@@ -54,23 +54,25 @@ class TrainingStage(Stage):
         if "Corpus" in inputs:
             check_windows(inputs["Corpus"], self.seq_len)
 
-    def training_needs(self, teacher: bool = False, export_int8: bool = False, evaluations: int = 1):
+    def training_needs(self, teacher: bool = False, export_int8: bool = False, evaluations: int = 1,
+                       reference: bool = False):
         """A training stage's needs: ``resources.training_needs`` for disk and host memory; the
         FLOPs of training (6 per parameter and token, 2 more for the teacher's forward) and of its
-        ``evaluations``; per rank, ``pipeline.memory``'s plan for the sharding that fits."""
+        ``evaluations`` (against the teacher with ``reference``); per rank, ``pipeline.memory``'s
+        plan for the sharding that fits."""
         from pipeline import memory, resources
 
         settings, student = pipeline_settings(), self.model_bytes()
         needs = resources.training_needs(student, settings.nproc_per_node, student if teacher else 0.0, export_int8)
         params, world = student / 4, settings.world_size()
         tokens = self.steps * self.batch_size * self.seq_len
-        eval_flops, _ = self.evaluation_needs(evaluations, self.eval_tokens or tokens)
+        eval_flops, eval_bytes = self.evaluation_needs(evaluations, self.eval_tokens or tokens, reference)
         needs.flops = (6 + (2 if teacher else 0)) * params * tokens + eval_flops
         config = settings.architecture()
         per_rank = self.batch_size // (world * self.grad_accum)
         plans = [memory.plan(config, world, sharding, per_rank, self.seq_len, 4, float("inf"),
                              config if teacher else None) for sharding in ("ddp", "fsdp")]
-        needs.rank_memory = min(p.total for p in plans)
+        needs.rank_memory = max(min(p.total for p in plans), eval_bytes)  # training, then its evaluations
         import torch
 
         if not torch.cuda.is_available():  # the ranks train in host memory

@@ -88,3 +88,37 @@ def test_a_base_models_recorded_perplexity_is_reused_only_for_the_same_evaluatio
                            metrics={"valid_perplexity": 48.68})
     assert recorded_perplexity(base, 128, 65536) == 48.68
     assert recorded_perplexity(base, 64, 65536) is None and recorded_perplexity(base, 128, 4096) is None
+
+
+def test_the_teacher_runs_once_per_batch_for_all_models_and_changes_no_figure(tmp_path, monkeypatch):
+    import pipeline.evaluate as evaluate
+    from pipeline import resources
+
+    torch.manual_seed(0)
+    save_pretrained(GPTJ(get_preset("gpt-j-smoke")), tmp_path / "teacher")
+    for i, scale in enumerate((0.05, 0.1, 0.2)):
+        perturbed(tmp_path / "teacher", tmp_path / f"s{i}", scale=scale)
+    tokens = np.random.default_rng(0).integers(0, 512, size=1500).astype(np.uint16)  # 46 windows: 6 batches
+    students = [job(f"s{i}", from_pretrained, path=str(tmp_path / f"s{i}")) for i in range(3)]
+    calls = []
+    real = evaluate.TeacherOutputs.__init__
+
+    def counted(self, model):
+        real(self, model)
+        model.register_forward_hook(lambda *_: calls.append(1))
+
+    def run(budget):
+        calls.clear()
+        monkeypatch.setattr(resources, "TEACHER_CACHE_BYTES", budget)
+        monkeypatch.setattr(evaluate.TeacherOutputs, "__init__", counted)
+        out = run_jobs(students, tokens, 32, 0, reference=job("teacher", from_pretrained, path=str(tmp_path / "teacher")),
+                       prompts=2, new_tokens=4)
+        return out, len(calls)
+
+    kept, kept_calls = run(resources.TEACHER_CACHE_BYTES)
+    one_batch = 8 * 32 * 512 * 4  # bytes of one batch's log-probabilities
+    partly, partly_calls = run(2 * one_batch)
+    recomputed, recomputed_calls = run(0)
+    assert kept == partly == recomputed  # bit for bit
+    assert (kept_calls, partly_calls, recomputed_calls) == (6, 6 + 2 * 4, 3 * 6)
+    assert all(r["kl"] > 0 and r["top1_agreement"] < 1 for r in kept.values())

@@ -99,6 +99,19 @@ def test_report_compares_every_variant(chain):
     for name in ("int8 QAT + KD", "int8 PTQ (no training)", "final: int8 QAT + 2:4 + MoE + KD"):
         assert rows[name]["size_ratio"] < 0.35, name
     assert rows["2:4 + KD"]["size_ratio"] == 1.0  # dense storage
+    # the deployed models the FinalCompressed runs evaluated on these windows are not evaluated again
+    variants = {control: "KD", "2:4 + KD": "2:4 + KD", "int8 QAT + KD": "int8 QAT + KD",
+                "int8 + 2:4 + KD": "int8 QAT + 2:4 + KD", "final: int8 QAT + 2:4 + MoE + KD": "int8 QAT + 2:4 + MoE + KD"}
+    for name, variant in variants.items():
+        _, run = artifact(chain, "FinalCompressed", lambda m, v=variant: m["metrics"]["variant"] == v)
+        figures = run["metrics"]["deployed_evaluation"]
+        assert rows[name]["perplexity"] == round(figures["perplexity"], 4), name
+        assert [rows[name][k] for k in ("kl", "top1_agreement", "greedy_agreement")] == \
+            [round(figures[k], 5) for k in ("kl", "top1_agreement", "greedy_agreement")], name
+    _, moe_kd = artifact(chain, "FinalCompressed", lambda m: m["metrics"]["variant"] == "MoE + KD")
+    assert "deployed_evaluation" not in moe_kd["metrics"]  # its sparse MoE path is the Report's to evaluate
+    evaluated = (path / "evaluate.log").read_text()
+    assert "MoE + KD" in evaluated and "int8 PTQ" in evaluated and not any(f"{n}:" in evaluated for n in variants)
     for r in rows.values():
         assert r["perplexity"] > 1 and r["decode_tokens_per_s"] > 0 and r["prefill_128_tokens_per_s"] > 0, r
     text = (path / "report.md").read_text()
@@ -125,3 +138,21 @@ def test_changing_final_settings_reruns_only_final_and_report(chain, tmp_path):
     assert not (dense_moe / "compressed").exists()
     run = chain.run("-m", "pipeline.generate", "--model", str(dense_moe), "--prompt", "x = ", "--max-new-tokens", "3")
     assert "; dense fp32 MoE model from" in run.stdout  # generate runs it as the MoE it was trained as
+
+
+class Recorded:
+    def __init__(self, seq_len, eval_tokens, figures):
+        self.manifest = {"params": {"seq_len": seq_len, "eval_tokens": eval_tokens}}
+        self.metrics = {"deployed_evaluation": figures} if figures else {}
+
+
+def test_the_report_reads_a_runs_own_evaluation_only_for_the_same_windows():
+    from tasks.final_compressed import deployed_figures, recorded_deployed
+
+    result = {"perplexity": 40.5, "kl": 0.01, "top1_agreement": 0.97, "greedy_agreement": 25.0, "loss": 3.7, "tokens": 64}
+    figures = deployed_figures(result)
+    assert figures == {"perplexity": 40.5, "kl": 0.01, "top1_agreement": 0.97, "greedy_agreement": 25.0}
+    assert recorded_deployed(Recorded(128, 65536, figures), 128, 65536) == figures
+    assert recorded_deployed(Recorded(128, 65536, figures), 64, 65536) is None
+    assert recorded_deployed(Recorded(128, 65536, figures), 128, 4096) is None
+    assert recorded_deployed(Recorded(128, 65536, None), 128, 65536) is None  # a MoE run without int8
