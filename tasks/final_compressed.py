@@ -100,59 +100,67 @@ class FinalCompressed(DistillingStage):
         self.evaluate(build, inputs, topk)
 
     def evaluate(self, build, inputs, topk) -> None:
-        import torch
-
-        from pipeline import methods
+        """The trained model as it ran in training (int8 GEMMs, routed FFNs) and, with int8, the
+        exported model as deployed and in QAT's arithmetic: each one's perplexity and fidelity to
+        the teacher, in one evaluation (the teacher's forward once for all)."""
         from pipeline.evaluate import job
         from pipeline.models import from_pretrained
         from pipeline.train import as_trained
 
         base = inputs["BaseModel"]
-        valid = inputs["Corpus"].file("valid.npy")
         model = from_pretrained(build.path)
         teacher_bytes = base.file("model.safetensors").stat().st_size
         metrics = {"variant": self.variant, "toggles": {t: getattr(self, t) for t in TOGGLES}, "moe_topk": topk,
                    "hf_bytes": (build.path / "model.safetensors").stat().st_size, "teacher_bytes": teacher_bytes}
+        jobs = [job(self.variant, as_trained, path=str(build.path), moe_topk=topk, int8=self.int8)]
+        if self.int8:
+            with build.timed("export"):
+                loader, out, sizes = self.export(build, model, topk, metrics)
+            # as deployed (fbgemm, the measured dense/sparse crossover), and in QAT's arithmetic
+            jobs += [job(f"compressed, exact={e}", loader, cpu=True, path=str(out), exact=e) for e in (False, True)]
         with build.timed("evaluate"):
-            # the trained model as it ran in training (int8 GEMMs, routed FFNs), and its fidelity to the teacher
             reference = job("teacher", from_pretrained, path=str(base.path))
             teacher = recorded_perplexity(base, self.seq_len, self.eval_tokens)
-            jobs = [job(self.variant, as_trained, path=str(build.path), moe_topk=topk, int8=self.int8)]
-            results = evaluate(build, jobs + ([reference] if teacher is None else []), valid, self.seq_len,
-                               self.eval_tokens, reference=reference)
-            ours = results[self.variant]
-            teacher = teacher if teacher is not None else results["teacher"]["perplexity"]
-            metrics.update(teacher_valid_perplexity=round(teacher, 4), valid_perplexity=round(ours["perplexity"], 4),
-                           perplexity_ratio=round(ours["perplexity"] / teacher, 4), kl=round(ours["kl"], 5),
-                           top1_agreement=round(ours["top1_agreement"], 4),
-                           greedy_agreement=round(ours["greedy_agreement"], 2))
-            if not self.int8 and not self.moe:  # as trained is as deployed: the same fp32 weights, dense
-                metrics["deployed_evaluation"] = deployed_figures(ours)
-            if self.int8:
-                compressed = methods.use("compressed")
-                out = build.path / compressed.COMPRESSED_DIR
-                sizes = compressed.export_compressed(model, out, build.path if self.moe else None, topk, calibrate=True)
-                shutil.copyfile(build.path / "tokenizer.json", out / "tokenizer.json")
-                if torch.cuda.is_available():  # the GPU kernels' crossovers, measured on this machine's GPU
-                    metrics["serving_paths"] = methods.use("serving").record_paths(out, "cuda")["paths"]
-                # as deployed (fbgemm, the measured dense/sparse crossover), and in QAT's arithmetic
-                jobs = [job(f"compressed, exact={e}", compressed.load_compressed, cpu=True, path=str(out), exact=e)
-                        for e in (False, True)]
-                results = evaluate(build, jobs, valid, self.seq_len, self.eval_tokens, tag="evaluate-compressed",
-                                   reference=reference)
-                metrics["deployed_evaluation"] = deployed_figures(results[jobs[0]["name"]])
-                deployed, exact = (r["perplexity"] for r in results.values())
-                metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"],
-                               compressed_sparse_matrices=sizes["sparse_matrices"],
-                               moe_decode_path=sizes["decode_path"], moe_gemv_tokens=sizes["gemv_tokens"],
-                               compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
-                               compressed_valid_perplexity=round(deployed, 4),
-                               compressed_perplexity_ratio=round(deployed / teacher, 4),
-                               compressed_exact_valid_perplexity=round(exact, 4))
+            jobs += [reference] if teacher is None else []
+            results = evaluate(build, jobs, inputs["Corpus"].file("valid.npy"), self.seq_len, self.eval_tokens,
+                               reference=reference)
+        ours = results[self.variant]
+        teacher = teacher if teacher is not None else results["teacher"]["perplexity"]
+        metrics.update(teacher_valid_perplexity=round(teacher, 4), valid_perplexity=round(ours["perplexity"], 4),
+                       perplexity_ratio=round(ours["perplexity"] / teacher, 4), kl=round(ours["kl"], 5),
+                       top1_agreement=round(ours["top1_agreement"], 4),
+                       greedy_agreement=round(ours["greedy_agreement"], 2))
+        if not self.int8 and not self.moe:  # as trained is as deployed: the same fp32 weights, dense
+            metrics["deployed_evaluation"] = deployed_figures(ours)
+        if self.int8:
+            deployed, exact = (results[f"compressed, exact={e}"] for e in (False, True))
+            metrics["deployed_evaluation"] = deployed_figures(deployed)
+            metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"],
+                           compressed_sparse_matrices=sizes["sparse_matrices"],
+                           moe_decode_path=sizes["decode_path"], moe_gemv_tokens=sizes["gemv_tokens"],
+                           compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
+                           compressed_valid_perplexity=round(deployed["perplexity"], 4),
+                           compressed_perplexity_ratio=round(deployed["perplexity"] / teacher, 4),
+                           compressed_exact_valid_perplexity=round(exact["perplexity"], 4))
         zeros = [float((p == 0).float().mean()) for n, p in model.named_parameters() if n.endswith("proj.weight")
                  or ".mlp.fc_" in n and n.endswith("weight")]
         metrics["pruned_weight_zeros"] = round(sum(zeros) / len(zeros), 4)
         build.metrics.update(metrics)
+
+    def export(self, build, model, topk, metrics: dict):
+        """The deployable int8 model into ``compressed/``, its paths timed on this machine (the GPU
+        kernels' crossovers too, where there is one): (its loader, its directory, export_compressed's sizes)."""
+        import torch
+
+        from pipeline import methods
+
+        compressed = methods.use("compressed")
+        out = build.path / compressed.COMPRESSED_DIR
+        sizes = compressed.export_compressed(model, out, build.path if self.moe else None, topk, calibrate=True)
+        shutil.copyfile(build.path / "tokenizer.json", out / "tokenizer.json")
+        if torch.cuda.is_available():
+            metrics["serving_paths"] = methods.use("serving").record_paths(out, "cuda")["paths"]
+        return compressed.load_compressed, out, sizes
 
 
 def deployed_figures(result: dict) -> dict:

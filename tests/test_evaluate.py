@@ -111,8 +111,8 @@ def test_the_teacher_runs_once_per_batch_for_all_models_and_changes_no_figure(tm
         calls.clear()
         monkeypatch.setattr(resources, "TEACHER_CACHE_BYTES", budget)
         monkeypatch.setattr(evaluate.TeacherOutputs, "__init__", counted)
-        out = run_jobs(students, tokens, 32, 0, reference=job("teacher", from_pretrained, path=str(tmp_path / "teacher")),
-                       prompts=2, new_tokens=4)
+        teacher = job("teacher", from_pretrained, path=str(tmp_path / "teacher"))
+        out = run_jobs(students, tokens, 32, 0, reference=teacher, prompts=2, new_tokens=4)
         return out, len(calls)
 
     kept, kept_calls = run(resources.TEACHER_CACHE_BYTES)

@@ -101,7 +101,8 @@ def test_report_compares_every_variant(chain):
     assert rows["2:4 + KD"]["size_ratio"] == 1.0  # dense storage
     # the deployed models the FinalCompressed runs evaluated on these windows are not evaluated again
     variants = {control: "KD", "2:4 + KD": "2:4 + KD", "int8 QAT + KD": "int8 QAT + KD",
-                "int8 + 2:4 + KD": "int8 QAT + 2:4 + KD", "final: int8 QAT + 2:4 + MoE + KD": "int8 QAT + 2:4 + MoE + KD"}
+                "int8 + 2:4 + KD": "int8 QAT + 2:4 + KD",
+                "final: int8 QAT + 2:4 + MoE + KD": "int8 QAT + 2:4 + MoE + KD"}
     for name, variant in variants.items():
         _, run = artifact(chain, "FinalCompressed", lambda m, v=variant: m["metrics"]["variant"] == v)
         figures = run["metrics"]["deployed_evaluation"]
