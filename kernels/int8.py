@@ -32,8 +32,15 @@ Integer products run on one of these backends (``int8_backend()`` reports the au
 * ``cpm_kernels``: the original CUDA kernels, on the GPUs its wheel was built for;
 * ``cuda``: ``torch._int_mm`` (cuBLASLt int8) on other GPUs (Hopper);
 * ``cpu-exact``: float64 matmul of the int8 values, exact below 2**53 (reference tests);
-* ``cpu-fast``: ``torch._int_mm`` on CPU (oneDNN; int32 accumulation, exact while K * 127**2 <
-  2**31, i.e. K < 133,000: so it equals ``cpu-exact`` bit for bit at every GPT-J size).
+* ``cpu-onednn``: ``torch._int_mm`` on CPU (oneDNN; int32 accumulation, exact while K * 127**2 <
+  2**31, i.e. K < 133,000: so it equals ``cpu-exact`` bit for bit at every GPT-J size);
+* ``cpu-fp32``: an fp32 GEMM of the int8 values over blocks of at most ``FP32_EXACT_K`` of K
+  (every product and partial sum is an integer below 2**24, so each block is exact in any
+  summation order), the blocks added in int32: the same integers as oneDNN's;
+* ``cpu-fast``: whichever of those two measured faster on this machine (``cpu_product``). Both are
+  exact, so the choice changes no result. oneDNN has fast int8 kernels only where the CPU has
+  int8 dot-product instructions (AVX512-VNNI, AMX); elsewhere (AVX2) its int8 GEMM measured 15-70x
+  slower than the fp32 one (``bench/int8.py``).
 """
 from __future__ import annotations
 
@@ -43,7 +50,8 @@ import torch
 
 from kernels.backend import cpm_kernels_status
 
-BACKENDS = ("cpm_kernels", "cuda", "cpu-exact", "cpu-fast")
+BACKENDS = ("cpm_kernels", "cuda", "cpu-exact", "cpu-onednn", "cpu-fp32", "cpu-fast")
+FP32_EXACT_K = 1024  # K * 127**2 < 2**24: an fp32 GEMM of int8 values over this much of K is exact
 INT8_MAX = 127
 
 
@@ -114,10 +122,15 @@ def _has_nan(q: torch.Tensor) -> bool:
 
 def int_matmul(qa: torch.Tensor, qb: torch.Tensor, backend: str) -> torch.Tensor:
     """Exact integer product of int8 tensors (b, M, K) @ (b, K, N), broadcasting a batch of 1:
-    int32 from the int8 GEMM, or fp32 from the float64 reference (the spec's ``fp32(acc)``)."""
+    int32 from the int8 GEMM (or the blocked fp32 one), fp32 from one exact fp32 block, or fp32
+    from the float64 reference (the spec's ``fp32(acc)``): the same values either way."""
     if backend == "cpu-exact" or not _int_mm_fits(qa, qb):
         return torch.matmul(qa.double(), qb.double()).float()
     cuda = qa.device.type == "cuda"
+    if not cuda and backend == "cpu-fast":
+        backend = cpu_product()
+    if backend == "cpu-fp32":
+        return _fp32_product(qa, qb)
 
     def mm(a, b):  # oneDNN on CPU takes strided operands as they are; cuBLASLt wants them dense
         return torch._int_mm(a.contiguous(), b.contiguous()) if cuda else torch._int_mm(a, b)
@@ -127,6 +140,39 @@ def int_matmul(qa: torch.Tensor, qb: torch.Tensor, backend: str) -> torch.Tensor
         return mm(qa.reshape(-1, qa.shape[2]), qb[0]).view(qa.shape[0], m, n)
     qa = qa.expand(qb.shape[0], -1, -1)
     return torch.stack([mm(qa[i], qb[i]) for i in range(qb.shape[0])])
+
+
+def _fp32_product(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+    """``int_matmul`` as fp32 GEMMs over blocks of ``FP32_EXACT_K`` of K, each exact, added in int32."""
+    k = qa.shape[-1]
+    if k <= FP32_EXACT_K:
+        return torch.matmul(qa.float(), qb.float())
+    acc = None
+    for i in range(0, k, FP32_EXACT_K):
+        part = torch.matmul(qa[..., i:i + FP32_EXACT_K].float(), qb[..., i:i + FP32_EXACT_K, :].float()).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    return acc
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_product() -> str:
+    """``cpu-onednn`` or ``cpu-fp32``, whichever computes a (256, 256) x (256, 1024) int8 product
+    (a weight's transposed view, as the linear layers pass it) faster here: the median of 3 calls
+    each after one to warm up, once per process."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (1, 256, 256), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (1, 1024, 256), dtype=torch.int8, generator=g).transpose(1, 2)
+
+    def seconds(backend: str) -> float:
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            int_matmul(a, b, backend)
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[1]
+    return min(("cpu-onednn", "cpu-fp32"), key=seconds)
 
 
 def _int_mm_fits(qa: torch.Tensor, qb: torch.Tensor) -> bool:

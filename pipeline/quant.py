@@ -4,7 +4,7 @@
 one of ``patterns``) by a ``QATLinear`` holding the same parameters; training then runs the int8
 forward and the straight-through backward of ``kernels.bmm``. ``export_int8`` writes int8 weights with one
 fp16 scale per output row; ``load_int8`` gives back a model whose linear layers run a real int8
-kernel (``torch._int_mm`` via oneDNN on CPU, cuBLASLt on GPU).
+kernel (fbgemm's on CPU, cuBLASLt's ``torch._int_mm`` on GPU).
 """
 from __future__ import annotations
 

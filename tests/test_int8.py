@@ -101,7 +101,7 @@ def assert_bitexact(ours, ref):
         np.testing.assert_array_equal(ours.view(np.uint32), ref.astype(F32).view(np.uint32))
 
 
-BACKENDS = ["cpu-exact", "cpu-fast"]
+BACKENDS = ["cpu-exact", "cpu-onednn", "cpu-fp32", "cpu-fast"]
 
 
 # ------------------------------------------------------------------ tests
@@ -193,18 +193,34 @@ def test_nan_and_inf(backend):
     assert torch.equal(c[0, rows], expected[0, rows])
 
 
+@pytest.mark.parametrize("backend", ["cpu-onednn", "cpu-fp32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_fast_path_equals_the_exact_path_at_model_sizes(dtype):
-    """The bound: cpu-fast accumulates in int32 (oneDNN), exact while K * 127**2 < 2**31, i.e.
-    K < 133,000, so at every GPT-J size it equals the float64 path bit for bit, forward and
-    backward (the weight here is large enough to take the cache-blocked quantizer)."""
+def test_fast_paths_equal_the_exact_path_at_model_sizes(backend, dtype):
+    """The bounds: oneDNN accumulates in int32, exact while K * 127**2 < 2**31, i.e. K < 133,000;
+    the fp32 GEMM is exact on blocks of 1024 of K, added in int32. So at every GPT-J size both
+    equal the float64 path bit for bit, forward and backward (K = 4096: four fp32 blocks; the
+    weight is large enough to take the cache-blocked quantizer)."""
     rng = torch.Generator().manual_seed(11)
     A, B = operands(rng, 1, 1, 64, 4096, 1024, False, True, dtype=dtype)
     G = torch.randn(1, 64, 1024, generator=rng).to(dtype)
-    fast = run_ours(A, False, B, True, G, "cpu-fast")
+    fast = run_ours(A, False, B, True, G, backend)
     exact = run_ours(A, False, B, True, G, "cpu-exact")
     for f, e in zip(fast, exact):
         assert torch.equal(f, e)
+
+
+def test_the_fp32_product_is_exact_at_the_extremes_of_its_blocks():
+    from kernels.int8 import FP32_EXACT_K, cpu_product, int_matmul
+
+    for k in (FP32_EXACT_K, FP32_EXACT_K + 1, 3 * FP32_EXACT_K - 5):
+        a = torch.full((1, 3, k), -127, dtype=torch.int8)
+        a[0, 1, ::2] = 127
+        b = torch.full((1, k, 2), 127, dtype=torch.int8)
+        b[0, 1::3, 1] = -1
+        expected = (a.long() @ b.long())[0]
+        assert torch.equal(int_matmul(a, b, "cpu-fp32")[0].long(), expected), k
+        assert torch.equal(int_matmul(a, b, "cpu-onednn")[0].long(), expected), k
+    assert cpu_product() in ("cpu-onednn", "cpu-fp32")
 
 
 def test_not_int8_is_a_plain_batched_matmul():
