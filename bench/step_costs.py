@@ -1,5 +1,5 @@
 """What one training step costs, per kind of run the pipeline trains, measured side by side in one
-run: plain LM (BaseModel), distillation (ReluModel, the control), int8 QAT, int8 QAT with
+run: plain LM (BaseModel), distillation (ReluModel, the control), 2:4 masks held with distillation, int8 QAT, int8 QAT with
 distillation, each in fp32 and under bf16 autocast; and the fused LM + distillation loss against
 the same terms as separate autograd ops. Each configuration is timed in turns with the others
 (rounds interleaved, medians), on the gpt-j-tiny shape with random weights.
@@ -16,13 +16,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels.int8 import cpu_product as int8_product
 from pipeline import methods
 from pipeline.losses import lm_and_soft_ce
 from pipeline.models import GPTJ
 from pipeline.models.gptj import lm_forward
 from pipeline.models.presets import resolve_model
 
-KINDS = ("LM", "KD", "int8 QAT", "int8 QAT + KD")
+KINDS = ("LM", "KD", "2:4 + KD", "int8 QAT", "int8 QAT + KD")
 
 
 def training_step(kind: str, dtype: torch.dtype | None, model_name: str, batch: torch.Tensor):
@@ -36,6 +37,10 @@ def training_step(kind: str, dtype: torch.dtype | None, model_name: str, batch: 
         distill = methods.use("distill")
         forward = distill.BMDistill.set_forward(model, GPTJ(config), lm_forward, ce_logits=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if "2:4" in kind:
+        prune = methods.use("prune").BMPrune
+        prune.compute_mask(model, "m4n2_2d_best")
+        prune.set_optim_for_pruning(opt, model)
     x, y = batch[:, :-1], batch[:, 1:]
 
     def step():
@@ -65,10 +70,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=2, help="steps per configuration per round")
     p.add_argument("--model", default="gpt-j-tiny")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="time bf16 autocast too (auto: only where the CPU has native bf16; emulated it is slow)")
     args = p.parse_args()
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    dtypes = (None, torch.bfloat16) if args.bf16 == "on" or (args.bf16 == "auto" and native) else (None,)
     config, _ = resolve_model(args.model)
     batch = torch.randint(0, config.vocab_size, (16, 129), generator=torch.Generator().manual_seed(0))
-    runs = {(k, d): training_step(k, d, args.model, batch) for k in KINDS for d in (None, torch.bfloat16)}
+    runs = {(k, d): training_step(k, d, args.model, batch) for k in KINDS for d in dtypes}
     logits = torch.randn(16 * 128, config.vocab_size)
     teacher, targets = torch.randn_like(logits), batch[:, 1:].reshape(-1)
 
@@ -84,12 +93,13 @@ def main() -> None:
             times[key].append(timed(fn, args.steps))
     med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
     print(f"{args.model}, batch 16 x 128, {torch.get_num_threads()} threads on {os.cpu_count()} cores, "
-          f"bf16 native: {torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()}; "
+          f"bf16 native: {native}; int8 product {int8_product()}; "
           f"median of {args.rounds} interleaved rounds")
-    print(f"{'step':16s} {'fp32 ms':>8s} {'bf16 ms':>8s} {'fp32/bf16':>9s} {'/ LM fp32':>9s}")
+    print(f"{'step':16s} {'fp32 ms':>8s} {'/ LM fp32':>9s} {'bf16 ms':>8s} {'fp32/bf16':>9s}")
     for kind in KINDS:
-        fp32, bf16 = med[(kind, None)], med[(kind, torch.bfloat16)]
-        print(f"{kind:16s} {fp32:8.0f} {bf16:8.0f} {fp32 / bf16:8.2f}x {fp32 / med[('LM', None)]:8.2f}x")
+        fp32, bf16 = med[(kind, None)], med.get((kind, torch.bfloat16))
+        line = f"{kind:16s} {fp32:8.0f} {fp32 / med[('LM', None)]:8.2f}x"
+        print(line + (f" {bf16:8.0f} {fp32 / bf16:8.2f}x" if bf16 else "  (bf16 not timed)"))
     fused, separate = med[("loss", "fused")], med[("loss", "separate")]
     print(f"LM + KD loss on {tuple(logits.shape)} logits, forward and backward: fused {fused:.1f} ms, separate "
           f"autograd ops {separate:.1f} ms ({separate / fused:.2f}x)")
