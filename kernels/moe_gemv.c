@@ -261,3 +261,60 @@ int moe_ffn(const float *x, int64_t tokens, int64_t d, const int8_t *w1, const f
     free(r.used); free(r.start); free(r.users); free(r.token);
     return ok ? 0 : -1;
 }
+
+/* sum_k a[k] b[k] in fp32, over 16 independent lanes (which the compiler vectorises without
+ * reassociating), the lanes then added in order. */
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    float lane[16] = {0}, s = 0.0f;
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int j = 0; j < 16; j++) lane[j] += a[k + j] * b[k + j];
+    for (int j = 0; j < 16; j++) s += lane[j];
+    for (; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
+typedef struct { float score; int64_t expert; } ranked;
+
+/* Descending score, NaN first (torch.topk ranks NaN highest), ties to the lower expert. */
+static int by_score(const void *p, const void *q) {
+    const ranked *x = p, *y = q;
+    int xn = x->score != x->score, yn = y->score != y->score;
+    if (xn != yn) return yn - xn;
+    if (!xn && x->score != y->score) return x->score < y->score ? 1 : -1;
+    return (x->expert > y->expert) - (x->expert < y->expert);
+}
+
+/* chosen (tokens, topk): per token the topk experts of the MoEfication router
+ * b(tanh(a(x / max(|x|, 1e-12)))), a (num_expert, d) and b (num_expert, num_expert) fp32, by
+ * descending score. The scores are torch's Router's up to the order of the fp32 sums. Returns 0,
+ * or -1 when memory runs out. */
+int moe_route(const float *x, int64_t tokens, int64_t d, const float *a, const float *b, int64_t num_expert,
+              int64_t topk, int64_t *chosen, int threads) {
+    float *xn = malloc(d * sizeof(float)), *z = malloc(num_expert * sizeof(float));
+    ranked *r = malloc(num_expert * sizeof(ranked));
+    int ok = xn && z && r;
+    for (int64_t t = 0; ok && t < tokens; t++) {
+        const float *xt = x + t * d;
+        float norm = sqrtf(dot_f32(xt, xt, d)), div = norm > 1e-12f ? norm : 1e-12f;
+        for (int64_t k = 0; k < d; k++) xn[k] = xt[k] / div;
+        #pragma omp parallel for num_threads(threads) schedule(static) if (num_expert * d >= (1 << 18))
+        for (int64_t e = 0; e < num_expert; e++) z[e] = tanhf(dot_f32(a + e * d, xn, d));
+        for (int64_t e = 0; e < num_expert; e++) r[e] = (ranked){dot_f32(b + e * num_expert, z, num_expert), e};
+        qsort(r, num_expert, sizeof(ranked), by_score);
+        for (int64_t k = 0; k < topk; k++) chosen[t * topk + k] = r[k].expert;
+    }
+    free(xn); free(z); free(r);
+    return ok ? 0 : -1;
+}
+
+/* moe_route, then moe_ffn over the experts it chose: a MoE FFN call in one. */
+int moe_routed_ffn(const float *x, int64_t tokens, int64_t d, const float *a, const float *b, int64_t num_expert,
+                   int64_t topk, const int8_t *w1, const float *s_w1, const float *b1, const int8_t *w2b,
+                   const float *s_w2, const float *b2, int64_t size, float *out, int threads) {
+    int64_t *chosen = malloc(tokens * topk * sizeof(int64_t));
+    int rc = chosen ? moe_route(x, tokens, d, a, b, num_expert, topk, chosen, threads) : -1;
+    if (rc == 0) rc = moe_ffn(x, tokens, d, w1, s_w1, b1, w2b, s_w2, b2, chosen, topk, size, num_expert, out, threads);
+    free(chosen);
+    return rc;
+}

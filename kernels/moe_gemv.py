@@ -1,4 +1,4 @@
-"""A few tokens through a MoE FFN's chosen experts, in C (``moe_gemv.c``).
+"""A few tokens through a MoE FFN's router and chosen experts, in C (``moe_gemv.c``).
 
 The C source is compiled on first use by the machine's C compiler for the machine's own vector
 unit (``-march=native``) and cached under ``$PIPELINE_KERNEL_CACHE`` (default
@@ -73,7 +73,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, str(e)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.moe_ffn.argtypes = [ptr, i64, i64, *[ptr] * 7, i64, i64, i64, ptr, ctypes.c_int]
-    lib.moe_ffn.restype = ctypes.c_int
+    lib.moe_route.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.moe_routed_ffn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, *[ptr] * 6, i64, ptr, ctypes.c_int]
+    for fn in (lib.moe_ffn, lib.moe_route, lib.moe_routed_ffn):
+        fn.restype = ctypes.c_int
     return lib, "ok"
 
 
@@ -110,8 +113,8 @@ def moe_ffn(x: torch.Tensor, q_w1: torch.Tensor, s_w1: torch.Tensor, b1: torch.T
                            ("b2", b2, torch.float32), ("chosen", chosen, torch.int64)):
         _check(name, t, dtype)
     (tokens, d), (num_expert, _, size) = x.shape, q_w2b.shape
-    if (q_w1.shape != (num_expert * size, d) or q_w2b.shape[1] != d or len(s_w1) != len(b1) != len(q_w1)
-            or len(s_w2) != len(b2) != d or len(chosen) != tokens):
+    if (q_w1.shape != (num_expert * size, d) or q_w2b.shape[1] != d or not len(s_w1) == len(b1) == len(q_w1)
+            or not len(s_w2) == len(b2) == d or len(chosen) != tokens):
         raise ValueError(f"moe_gemv: shapes do not agree: x {tuple(x.shape)}, q_w1 {tuple(q_w1.shape)}, "
                          f"q_w2b {tuple(q_w2b.shape)}, scales {len(s_w1)} / {len(s_w2)}, chosen {tuple(chosen.shape)}")
     out = torch.empty(tokens, d)
@@ -120,6 +123,66 @@ def moe_ffn(x: torch.Tensor, q_w1: torch.Tensor, s_w1: torch.Tensor, b1: torch.T
           torch.get_num_threads()) != 0:
         raise MemoryError(f"moe_gemv: out of memory for the buffers of {tokens} tokens")
     return out
+
+
+def _check_router(a: torch.Tensor, b: torch.Tensor, d: int, topk: int) -> None:
+    _check("a", a, torch.float32)
+    _check("b", b, torch.float32)
+    num_expert = len(b)
+    if a.shape != (num_expert, d) or b.shape != (num_expert, num_expert) or not 0 < topk <= num_expert:
+        raise ValueError(f"moe_gemv: a router over {d} inputs wants a ({num_expert}, {d}) and b ({num_expert}, "
+                         f"{num_expert}) and 1 <= topk <= {num_expert}: got a {tuple(a.shape)}, "
+                         f"b {tuple(b.shape)}, topk {topk}")
+
+
+def route(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, topk: int) -> torch.Tensor:
+    """int64 (tokens, topk): per token of ``x`` (tokens, d_model) the ``topk`` experts that the
+    MoEfication router ``b(tanh(a(normalize(x))))`` scores highest, best first, ties to the lower
+    expert (``pipeline.moefication.Router`` and ``top_experts``, up to the order of the fp32 sums,
+    which can swap two experts whose scores differ in the last bits). ``a`` (experts, d_model) and
+    ``b`` (experts, experts) fp32."""
+    fn = _kernel("moe_route")
+    _check("x", x, torch.float32)
+    _check_router(a, b, x.shape[1], topk)
+    chosen = torch.empty(len(x), topk, dtype=torch.int64)
+    if fn(x.data_ptr(), len(x), x.shape[1], a.data_ptr(), b.data_ptr(), len(b), topk, chosen.data_ptr(),
+          torch.get_num_threads()) != 0:
+        raise MemoryError(f"moe_gemv: out of memory routing {len(x)} tokens")
+    return chosen
+
+
+class RoutedFFN:
+    """A MoE FFN whole in one C call: ``route``, then ``moe_ffn`` over the experts it chose. The
+    weights are checked once, here, and held, so that a call checks only its tokens (the Python
+    around one C call is most of a decode step's FFN time at small widths)."""
+
+    def __init__(self, a, b, topk, q_w1, s_w1, b1, q_w2b, s_w2, b2):
+        self._fn = _kernel("moe_routed_ffn")
+        for name, t, dtype in (("q_w1", q_w1, torch.int8), ("s_w1", s_w1, torch.float32), ("b1", b1, torch.float32),
+                               ("q_w2b", q_w2b, torch.int8), ("s_w2", s_w2, torch.float32),
+                               ("b2", b2, torch.float32)):
+            _check(name, t, dtype)
+        (num_expert, d, size) = q_w2b.shape
+        _check_router(a, b, d, topk)
+        if (len(b) != num_expert or q_w1.shape != (num_expert * size, d) or not len(s_w1) == len(b1) == len(q_w1)
+                or not len(s_w2) == len(b2) == d):
+            raise ValueError(f"moe_gemv: shapes do not agree: router {tuple(a.shape)}, q_w1 {tuple(q_w1.shape)}, "
+                             f"q_w2b {tuple(q_w2b.shape)}, scales {len(s_w1)} / {len(s_w2)}")
+        self._held = (a, b, q_w1, s_w1, b1, q_w2b, s_w2, b2)  # the pointers below stay valid
+        self.d, self.num_expert, self.topk, self.size = d, num_expert, topk, size
+        self._router = (a.data_ptr(), b.data_ptr())
+        self._experts = tuple(t.data_ptr() for t in (q_w1, s_w1, b1, q_w2b, s_w2, b2))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 (tokens, d_model) for tokens ``x`` (tokens, d_model) fp32."""
+        _check("x", x, torch.float32)
+        if x.dim() != 2 or x.shape[1] != self.d:
+            raise ValueError(f"moe_gemv: tokens must be (tokens, {self.d}), got {tuple(x.shape)}")
+        out = torch.empty(len(x), self.d)
+        if self._fn(x.data_ptr(), len(x), self.d, *self._router, self.num_expert, self.topk, *self._experts,
+                    self.size, out.data_ptr(), torch.get_num_threads()) != 0:
+            raise MemoryError(f"moe_gemv: out of memory for the buffers of {len(x)} tokens")
+        return out
 
 
 def expert_blocks(q_w2: torch.Tensor, num_expert: int) -> torch.Tensor:

@@ -92,14 +92,16 @@ class Int8MoEFFN(nn.Module):
     gemv_tokens = 0  # calls of 2 to this many tokens run the C path (``_gemv``), as the export measured faster
     _bag_tables = None
 
+    _routed = None  # the C call of router and experts together, built on first use
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
+        if (len(flat) == 1 and self.decode_path == "gemv") or 1 < len(flat) <= self.gemv_tokens:
+            return self._routed_ffn()(flat.contiguous()).to(x.dtype).reshape(*x.shape[:-1], -1)
         chosen, keep = self.top_experts(self.router(flat).float(), self.topk)
         if len(flat) == 1 and self.decode_path != "eager":
-            one = {"gathered": self._gathered, "bagged": self._bagged, "gemv": self._gemv}[self.decode_path]
+            one = {"gathered": self._gathered, "bagged": self._bagged}[self.decode_path]
             return one(flat, chosen[0]).to(x.dtype).reshape(*x.shape[:-1], -1)
-        if 1 < len(flat) <= self.gemv_tokens:
-            return self._gemv(flat, chosen).to(x.dtype).reshape(*x.shape[:-1], -1)
         used = torch.unique(chosen)  # sorted
         if len(used) >= self.dense_above * self.num_expert:
             out = self._dense(flat, keep)
@@ -136,6 +138,22 @@ class Int8MoEFFN(nn.Module):
         h = torch.relu_(bagged.gemv_in(t_in, flat[0], chosen) * self.s_w1.view(e, size)[chosen]
                         + self.b1.view(e, size)[chosen])
         return (bagged.gemv_out(t_out, h, chosen) * self.s_w2.view(-1) + self.b2)[None]
+
+    def _routed_ffn(self) -> moe_gemv.RoutedFFN:
+        """The router and ``_gemv`` in one C call (``kernels.moe_gemv.RoutedFFN``): the experts it
+        chooses are ``top_experts``' up to the order of the router's fp32 sums."""
+        if self._routed is None:
+            a, b = (w.detach().float().contiguous() for w in (self.router.a.weight, self.router.b.weight))
+            self._routed = moe_gemv.RoutedFFN(a, b, self.topk, self.q_w1, self.s_w1.reshape(-1), self.b1,
+                                              self.q_w2b, self.s_w2.reshape(-1), self.b2)
+        return self._routed
+
+    def _apply(self, fn, *args, **kwargs):  # .to() and the like replace the tensors the C call holds
+        self._routed = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):  # a copy builds its own C call, over its own tensors
+        return {k: v for k, v in self.__dict__.items() if k != "_routed"}
 
     def _gemv(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """``_sparse``, bit for bit, in C (``kernels.moe_gemv``): the same quantization and scaling

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import commands
+from kernels import moe_gemv
 from pipeline import sparse24
 from pipeline.compressed import EXPERTS, Int8MoEFFN, QLinear, export_compressed, load_compressed
 from pipeline.moefication.routed import route_experts
@@ -192,6 +193,7 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
         ffn.decode_path = "bagged"
         torch.testing.assert_close(ffn(x)[0], eager, rtol=1e-5, atol=1e-5)
         ffn.decode_path = "gemv"  # QAT's arithmetic, as the sparse path: the same bits
+        assert torch.equal(moe_gemv.route(x, ffn.router.a.weight, ffn.router.b.weight, ffn.topk), chosen)
         assert torch.equal(ffn(x), ffn._sparse(x, keep, chosen[0].sort().values))
 
 
@@ -242,12 +244,44 @@ def test_the_c_path_is_the_sparse_path_bit_for_bit(e, size, d):
             keep = torch.zeros(tokens, e).scatter_(1, chosen, 1.0)
             want = ffn._sparse(x, keep, torch.unique(chosen))
             assert torch.equal(ffn._gemv(x, chosen), want), (n, tokens)
-            ffn.gemv_tokens, ffn.decode_path, route = tokens, "gemv", ffn.top_experts
-            ffn.top_experts = lambda scores, k: (chosen, keep)
-            assert torch.equal(ffn(x), want)  # the forward runs it for calls up to gemv_tokens
-            ffn.top_experts = route
+            ffn.gemv_tokens, ffn.decode_path = tokens, "gemv"  # the forward routes in C for calls up to it
+            chosen, keep = ffn.top_experts(ffn.router(x), 3)
+            assert torch.equal(ffn(x), ffn._sparse(x, keep, torch.unique(chosen))), (n, tokens)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("e,d,tokens", [(8, 24, 1), (32, 70, 9), (64, 4100, 3)])  # the last: threads over experts
+def test_the_c_router_chooses_the_top_experts_of_the_torch_router(e, d, tokens):
+    """``moe_gemv.route`` at several thread counts picks, best first, experts whose torch Router
+    scores are ``top_experts``' (the sums' order can only differ in the last bits), ties to the
+    lower expert; a token of zeros ties every expert."""
+    from pipeline.moefication.router import Router
+
+    g = torch.Generator().manual_seed(e + d)
+    router, topk = Router(d, e), max(1, e // 5)
+    with torch.no_grad():
+        router.a.weight.normal_(generator=g)
+        router.b.weight.normal_(generator=g)
+    a, b = router.a.weight.detach(), router.b.weight.detach()
+    x = torch.randn(tokens, d, generator=g) * torch.logspace(-3, 3, tokens)[:, None]
+    scores = router(x)
+    want, _ = router_top = torch.topk(scores, topk, dim=-1)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            chosen = moe_gemv.route(x, a, b, topk)
+            torch.testing.assert_close(scores.gather(1, chosen), want, rtol=1e-6, atol=1e-6)
+            assert (chosen == router_top.indices).float().mean() >= 0.9
+    finally:
+        torch.set_num_threads(threads)
+    twins = torch.zeros(e, e)
+    twins[:, 0] = 1.0  # b copies expert 0's score to every expert: all tie
+    assert moe_gemv.route(x, a, twins, topk).tolist() == [list(range(topk))] * tokens
+    assert moe_gemv.route(torch.zeros(1, d), a, b, e).tolist() == [list(range(e))]
+    with pytest.raises(ValueError, match=r"wants a \(8, 24\)"):
+        moe_gemv.route(torch.zeros(1, 24), torch.zeros(8, 25), torch.zeros(8, 8), 2)
 
 
 def test_the_c_path_runs_up_to_the_call_size_where_it_stops_winning():
