@@ -318,3 +318,26 @@ int moe_routed_ffn(const float *x, int64_t tokens, int64_t d, const float *a, co
     free(chosen);
     return rc;
 }
+
+/* out (tokens, n) = kernels.int8.int8_linear(x, w, s_w) + bias, bit for bit: per token q_x =
+ * quantize(x), out = (acc * s_x) * s_w + bias (no bias when bias is NULL), w (n, k) int8. Each row
+ * of w is read once for all the tokens; the rows are split over the threads where there are
+ * enough of them to pay for waking the threads. Returns 0, or -1 when memory runs out. */
+int int8_linear(const float *x, int64_t tokens, int64_t k, const int8_t *w, const float *s_w, const float *bias,
+                int64_t n, float *out, int threads) {
+    int8_t *q_x = malloc(tokens * k);
+    float *s_x = malloc(tokens * sizeof(float));
+    int ok = q_x && s_x;
+    for (int64_t t = 0; ok && t < tokens; t++) s_x[t] = quantize_row(x + t * k, k, q_x + t * k);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (ok && n * k * tokens >= (1 << 17))
+    for (int64_t j = 0; j < n; j++) {
+        if (!ok) continue;
+        for (int64_t t = 0; t < tokens; t++) {
+            float v = (float)dot(q_x + t * k, w + j * k, k) * s_x[t];
+            v = v * s_w[j];
+            out[t * n + j] = bias ? v + bias[j] : v;
+        }
+    }
+    free(q_x); free(s_x);
+    return ok ? 0 : -1;
+}

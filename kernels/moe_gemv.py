@@ -1,11 +1,13 @@
-"""A few tokens through a MoE FFN's router and chosen experts, in C (``moe_gemv.c``).
+"""A few tokens through a MoE FFN's router and chosen experts, or through an int8 linear layer,
+in C (``moe_gemv.c``): one call each, where torch's dispatch around small products costs more than
+the products.
 
 The C source is compiled on first use by the machine's C compiler for the machine's own vector
 unit (``-march=native``) and cached under ``$PIPELINE_KERNEL_CACHE`` (default
 ``~/.cache/pipeline/kernels``), keyed by the source, the command and the CPU, so that a home
 directory shared between an AVX2 and an AVX-512 machine holds one build for each. Without a
-compiler, or on a build that fails, ``available()`` is false and says why; the MoE FFN then keeps
-to the paths torch alone provides (the export's timings leave this one out).
+compiler, or on a build that fails, ``available()`` is false and says why; the MoE FFN and the
+int8 linear layers then keep to the paths torch alone provides (the export's timings leave these out).
 
 The integer products sum exactly in int32 and the scaling around them repeats the sparse path's
 fp32 operations, so the result is that path's bit for bit.
@@ -75,7 +77,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.moe_ffn.argtypes = [ptr, i64, i64, *[ptr] * 7, i64, i64, i64, ptr, ctypes.c_int]
     lib.moe_route.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.moe_routed_ffn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, *[ptr] * 6, i64, ptr, ctypes.c_int]
-    for fn in (lib.moe_ffn, lib.moe_route, lib.moe_routed_ffn):
+    lib.int8_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    for fn in (lib.moe_ffn, lib.moe_route, lib.moe_routed_ffn, lib.int8_linear):
         fn.restype = ctypes.c_int
     return lib, "ok"
 
@@ -182,6 +185,51 @@ class RoutedFFN:
         if self._fn(x.data_ptr(), len(x), self.d, *self._router, self.num_expert, self.topk, *self._experts,
                     self.size, out.data_ptr(), torch.get_num_threads()) != 0:
             raise MemoryError(f"moe_gemv: out of memory for the buffers of {len(x)} tokens")
+        return out
+
+
+class HeldCall:
+    """For a module that keeps a C call over its own tensors in ``_held_call``: dropped when
+    ``.to()`` and the like replace those tensors, and left out of copies and pickles, whose own
+    tensors get their own call."""
+
+    _held_call = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._held_call = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_held_call"}
+
+
+class Int8Linear:
+    """``kernels.int8.int8_linear(x, q_weight, scale) + bias`` (QAT's arithmetic, tokens quantized
+    one by one), bit for bit, in one C call: the weights checked once, here, and held."""
+
+    def __init__(self, q_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        self._fn = _kernel("int8_linear")
+        _check("q_weight", q_weight, torch.int8)
+        _check("scale", scale, torch.float32)
+        if bias is not None:
+            _check("bias", bias, torch.float32)
+        if q_weight.dim() != 2 or scale.shape != (len(q_weight),) or (bias is not None and bias.shape != scale.shape):
+            raise ValueError(f"moe_gemv: an int8 linear wants q_weight (out, in) and a scale (and bias) per out: "
+                             f"got {tuple(q_weight.shape)}, {tuple(scale.shape)}, "
+                             f"{None if bias is None else tuple(bias.shape)}")
+        self._held = (q_weight, scale, bias)
+        (self.n, self.k), self._bias = q_weight.shape, None if bias is None else bias.data_ptr()
+        self._weights = (q_weight.data_ptr(), scale.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 (tokens, out) for tokens ``x`` (tokens, in) fp32."""
+        _check("x", x, torch.float32)
+        if x.dim() != 2 or x.shape[1] != self.k:
+            raise ValueError(f"moe_gemv: tokens must be (tokens, {self.k}), got {tuple(x.shape)}")
+        out = torch.empty(len(x), self.n)
+        if self._fn(x.data_ptr(), len(x), self.k, *self._weights, self._bias, self.n, out.data_ptr(),
+                    torch.get_num_threads()) != 0:
+            raise MemoryError(f"moe_gemv: out of memory for {len(x)} tokens")
         return out
 
 

@@ -59,7 +59,7 @@ class QLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-class Int8MoEFFN(nn.Module):
+class Int8MoEFFN(moe_gemv.HeldCall, nn.Module):
     """A ReLU FFN in expert order, int8, computing per call only the neurons of the experts that
     some token chose (their int8 rows are gathered into one GEMM, in QAT's arithmetic) and, per
     token, keeping only its own experts' activations: training's RoutedMLP.
@@ -91,8 +91,6 @@ class Int8MoEFFN(nn.Module):
     decode_path = "eager"
     gemv_tokens = 0  # calls of 2 to this many tokens run the C path (``_gemv``), as the export measured faster
     _bag_tables = None
-
-    _routed = None  # the C call of router and experts together, built on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
@@ -142,18 +140,11 @@ class Int8MoEFFN(nn.Module):
     def _routed_ffn(self) -> moe_gemv.RoutedFFN:
         """The router and ``_gemv`` in one C call (``kernels.moe_gemv.RoutedFFN``): the experts it
         chooses are ``top_experts``' up to the order of the router's fp32 sums."""
-        if self._routed is None:
+        if self._held_call is None:
             a, b = (w.detach().float().contiguous() for w in (self.router.a.weight, self.router.b.weight))
-            self._routed = moe_gemv.RoutedFFN(a, b, self.topk, self.q_w1, self.s_w1.reshape(-1), self.b1,
-                                              self.q_w2b, self.s_w2.reshape(-1), self.b2)
-        return self._routed
-
-    def _apply(self, fn, *args, **kwargs):  # .to() and the like replace the tensors the C call holds
-        self._routed = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):  # a copy builds its own C call, over its own tensors
-        return {k: v for k, v in self.__dict__.items() if k != "_routed"}
+            self._held_call = moe_gemv.RoutedFFN(a, b, self.topk, self.q_w1, self.s_w1.reshape(-1), self.b1,
+                                                 self.q_w2b, self.s_w2.reshape(-1), self.b2)
+        return self._held_call
 
     def _gemv(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """``_sparse``, bit for bit, in C (``kernels.moe_gemv``): the same quantization and scaling
@@ -235,25 +226,52 @@ GEMV_TOKENS = (2, 4, 8, 16, 32, 64, 128, 256)  # the call sizes the C path is ti
 
 @torch.no_grad()
 def calibrate_gemv_tokens(ffn: Int8MoEFFN, repeats: int = 5) -> int:
-    """The largest call (of ``GEMV_TOKENS``) up to which the C path (``Int8MoEFFN._gemv``) runs
-    faster than the path the call would otherwise take, timed here on ``ffn``'s own weights with
-    random tokens (whose experts overlap least: the C path's worst case); 0 where it cannot run."""
+    """The largest call (of ``GEMV_TOKENS``) up to which the C path (router and experts in one
+    call) runs faster than the path the call would otherwise take, timed here on ``ffn``'s own
+    weights with random tokens (whose experts overlap least: the C path's worst case); 0 where it
+    cannot run."""
     if not moe_gemv.available():
         return 0
+    return c_path_up_to(ffn, "gemv_tokens", GEMV_TOKENS, ffn.q_w1.shape[1], repeats)
+
+
+LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the call sizes the C int8 linear is timed at
+
+
+def shape_key(layer: nn.Module) -> str:
+    return "x".join(map(str, layer.q_weight.shape))
+
+
+@torch.no_grad()
+def calibrate_gemv_rows(model: nn.Module, repeats: int = 20) -> dict[str, int]:
+    """Per weight shape ("out x in") of ``model``'s fbgemm int8 layers, the largest call (of
+    ``LINEAR_ROWS``) up to which the C int8 linear runs faster than fbgemm, timed here on the
+    first layer of that shape ({} where the C kernels cannot run)."""
+    table = {}
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear) and moe_gemv.available() and shape_key(layer) not in table:
+            table[shape_key(layer)] = c_path_up_to(layer, "gemv_rows", LINEAR_ROWS, layer.q_weight.shape[1], repeats)
+    return table
+
+
+def c_path_up_to(module: nn.Module, limit: str, counts, width: int, repeats: int) -> int:
+    """The largest call (of ``counts``) up to which ``module`` runs faster with its C path taking
+    the call (``module.<limit>`` set to the call's size) than without (0), on random tokens of
+    ``width`` timed here; ``module.<limit>`` is left 0."""
     g = torch.Generator().manual_seed(0)
 
     def seconds(tokens: int) -> tuple[float, float]:
-        x = torch.randn(tokens, ffn.q_w1.shape[1], generator=g)
+        x = torch.randn(tokens, width, generator=g)
         timed = []
-        for gemv_tokens in (tokens, 0):
-            ffn.gemv_tokens = gemv_tokens
-            timed.append(median_seconds(lambda: ffn(x), repeats))
+        for value in (tokens, 0):
+            setattr(module, limit, value)
+            timed.append(median_seconds(lambda: module(x), repeats))
         return timed[0], timed[1]
 
     try:
-        return gemv_up_to(GEMV_TOKENS, seconds)
+        return gemv_up_to(counts, seconds)
     finally:
-        ffn.gemv_tokens = 0
+        setattr(module, limit, 0)
 
 
 def gemv_up_to(counts, seconds) -> int:
@@ -274,8 +292,8 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
     """Write the compressed model of ``model`` (a dense GPTJ) to ``path``; with ``routers`` (a
     Routers artifact directory) and ``topk`` its FFNs become int8 MoE layers, and with
     ``calibrate`` what each call size runs is measured here and recorded in config.json: the share
-    of experts from which a call runs the dense path (else 0.5), the fastest one-token path and
-    the largest call the C path runs. Returns byte sizes (and those choices)."""
+    of experts from which a call runs the dense path (else 0.5), the fastest one-token path, the
+    largest call the C MoE path runs and, per weight shape, the largest the C int8 linear runs. Returns byte sizes (and those choices)."""
     path = Path(path)
     model = copy.deepcopy(model).cpu().float()
     moe = None
@@ -293,22 +311,27 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
             permutations[f"layer_{i:03d}.permutation"] = perm.to(torch.int32)
         moe = {"num_expert": int(layers[0][1].b.weight.shape[0]), "topk": int(topk)}
     sizes = export_int8(model, path)
+    config = json.loads((path / "config.json").read_text())
     if moe is not None:
         save_safetensors(router_tensors, path / ROUTERS)
         save_safetensors(permutations, path / EXPERTS)
         moe["dense_above"] = 0.5
-        config = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
-        if calibrate:
-            ffn = load_compressed(path).transformer.h[0].mlp  # loaded once for both measurements
+        config["moe"] = moe
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if calibrate:
+        loaded = load_compressed(path)  # loaded once for every measurement
+        if moe is not None:
+            ffn = loaded.transformer.h[0].mlp
             moe["dense_above"] = ffn.dense_above = calibrate_dense_above(ffn)
             moe.update(calibrate_decode_path(ffn))
             moe["gemv_tokens"] = calibrate_gemv_tokens(ffn)
-            (path / "config.json").write_text(json.dumps(config | {"moe": moe}, indent=2) + "\n")
+        config["int8_gemv_rows"] = calibrate_gemv_rows(loaded)
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     files = [INT8_WEIGHTS] + ([ROUTERS, EXPERTS] if moe else [])
     return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"],
             "sparse_matrices": sizes["sparse_matrices"], "dense_above": moe and moe["dense_above"],
-            "decode_path": decode_path(moe), "gemv_tokens": (moe or {}).get("gemv_tokens", 0)}
+            "decode_path": decode_path(moe), "gemv_tokens": (moe or {}).get("gemv_tokens", 0),
+            "int8_gemv_rows": config.get("int8_gemv_rows", {})}
 
 
 def decode_path(moe: dict | None) -> str:
@@ -334,14 +357,20 @@ def is_compressed(path) -> bool:
 
 def load_compressed(path, exact: bool = False, dense_above: float | None = None):
     """The model ``export_compressed`` wrote, on CPU, ready for inference: linear layers run
-    fbgemm's int8 GEMM (``Int8Linear``, activations quantized per call), or with ``exact`` QAT's
-    arithmetic (``QLinear``, per token); MoE FFNs run the chosen experts' neurons in QAT's
+    fbgemm's int8 GEMM (``Int8Linear``, activations quantized per call) but for calls of up to
+    the rows the export measured the C int8 linear faster at (config.json's ``int8_gemv_rows``,
+    per weight shape: QAT's arithmetic), or with ``exact`` QAT's arithmetic (``QLinear``, per token); MoE FFNs run the chosen experts' neurons in QAT's
     arithmetic, or every neuron when a call's tokens choose ``dense_above`` of the experts or
     more (default: the share recorded in config.json); a single token runs the weight-only path
     the export measured fastest (config.json's ``moe.decode_path``; not with ``exact``)."""
     path = Path(path)
     model = load_int8(path)
-    moe = json.loads((path / "config.json").read_text()).get("moe")
+    config = json.loads((path / "config.json").read_text())
+    moe = config.get("moe")
+    if not exact and moe_gemv.available():
+        for layer in model.modules():
+            if isinstance(layer, Int8Linear):
+                layer.gemv_rows = config.get("int8_gemv_rows", {}).get(shape_key(layer), 0)
     if exact:
         for name, module in list(model.named_modules()):
             if isinstance(module, Int8Linear):

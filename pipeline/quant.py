@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from kernels.gemm import GRADS, linear
+from kernels import moe_gemv
 from kernels.int8 import int8_linear, scale_and_quantize
 from pipeline import sparse24
 from pipeline.models.config import GPTJConfig, checkpoint_config
@@ -68,12 +69,16 @@ class BMQuant:
         return chosen
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(moe_gemv.HeldCall, nn.Module):
     """Inference-only linear layer holding int8 weights with per-row fp16 scales.
 
     On CPU the product runs in fbgemm's int8 GEMM on weights packed once at load time (dynamic
-    quantization: the activations are quantized per call, per tensor); on CUDA tokens are
-    quantized per row as in training and the product runs in cuBLASLt's int8 GEMM."""
+    quantization: the activations are quantized per call, per tensor), or for calls of up to
+    ``gemv_rows`` tokens (as the export measured faster) in QAT's arithmetic in C
+    (``kernels.moe_gemv.Int8Linear``: tokens quantized one by one); on CUDA tokens are quantized
+    per row as in training and the product runs in cuBLASLt's int8 GEMM."""
+
+    gemv_rows = 0
 
     def __init__(self, q_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -91,8 +96,17 @@ class Int8Linear(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(w, self.bias)
         return self._packed
 
+    def _gemv(self) -> moe_gemv.Int8Linear:
+        if self._held_call is None:
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            self._held_call = moe_gemv.Int8Linear(self.q_weight, self.scale.float().reshape(-1), bias)
+        return self._held_call
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
+            if x.numel() <= self.gemv_rows * x.shape[-1]:
+                flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+                return self._gemv()(flat).to(x.dtype).reshape(*x.shape[:-1], -1)
             return torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm(), True).to(x.dtype)
         y = int8_linear(x.reshape(-1, x.shape[-1]), self.q_weight, self.scale, fp16=True)
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)

@@ -165,7 +165,7 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
     computes the eager formula, and within int8's own error the exact MoE path, which the C GEMVs
     compute bit for bit; export records
     which path measured fastest here, and loading runs it."""
-    from pipeline.compressed import DECODE_PATHS, GEMV_TOKENS, compiled_gathered_ffn, gathered_ffn
+    from pipeline.compressed import DECODE_PATHS, GEMV_TOKENS, LINEAR_ROWS, compiled_gathered_ffn, gathered_ffn
 
     model, ckpt = relu_model_and_checkpoint
     sizes = export_compressed(model, tmp_path / "c", ckpt, 3, calibrate=True)
@@ -176,6 +176,11 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
     assert load_compressed(tmp_path / "c").transformer.h[1].mlp.decode_path == sizes["decode_path"]
     assert config["moe"]["gemv_tokens"] == sizes["gemv_tokens"] in (0, *GEMV_TOKENS)
     assert load_compressed(tmp_path / "c").transformer.h[1].mlp.gemv_tokens == sizes["gemv_tokens"]
+    rows = config["int8_gemv_rows"]
+    assert rows == sizes["int8_gemv_rows"] and set(rows) == {"64x64", "512x64", "256x64", "64x256"}  # attention, head, dense FFN
+    assert set(rows.values()) <= {0, *LINEAR_ROWS}
+    assert load_compressed(tmp_path / "c").transformer.h[1].attn.q_proj.gemv_rows == rows["64x64"]
+    assert load_compressed(tmp_path / "c", exact=True).lm_head.__class__ is QLinear
     ffn = load_compressed(tmp_path / "c", exact=True).transformer.h[0].mlp
     assert ffn.decode_path == "eager"
     e, size = ffn.num_expert, ffn.size
@@ -282,6 +287,36 @@ def test_the_c_router_chooses_the_top_experts_of_the_torch_router(e, d, tokens):
     assert moe_gemv.route(torch.zeros(1, d), a, b, e).tolist() == [list(range(e))]
     with pytest.raises(ValueError, match=r"wants a \(8, 24\)"):
         moe_gemv.route(torch.zeros(1, 24), torch.zeros(8, 25), torch.zeros(8, 8), 2)
+
+
+@pytest.mark.parametrize("n,k", [(256, 256), (70, 33), (1024, 100)])
+def test_the_c_int8_linear_is_qat_arithmetic_bit_for_bit(n, k):
+    """``moe_gemv.Int8Linear`` at several call sizes and thread counts, with and without a bias,
+    computes ``QLinear``'s bits; ``pipeline.quant.Int8Linear`` runs it for calls up to its
+    ``gemv_rows`` and fbgemm above, and a copy or a ``.to()`` computes over its own tensors."""
+    g = torch.Generator().manual_seed(n + k)
+    q, s = quantize_rows(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        for threads_now, tokens in ((1, 1), (2, 3), (3, 17)):
+            torch.set_num_threads(threads_now)
+            x = torch.randn(tokens, k, generator=g)
+            for b in (bias, None):
+                assert torch.equal(moe_gemv.Int8Linear(q, s.float(), b)(x), QLinear(q, s, b)(x)), (tokens, b is None)
+    finally:
+        torch.set_num_threads(threads)
+    layer, x = Int8Linear(q, s, bias), torch.randn(1, 2, k, generator=g)
+    fbgemm = layer(x)
+    layer.gemv_rows = 2
+    assert torch.equal(layer(x), QLinear(q, s, bias)(x)) and not torch.equal(layer(x), fbgemm)
+    layer.gemv_rows = 1
+    assert torch.equal(layer(x), fbgemm)
+    twin = copy.deepcopy(layer)
+    twin.gemv_rows = 2
+    twin.q_weight.zero_()
+    assert torch.equal(twin(x), QLinear(twin.q_weight, s, bias)(x))  # its own weights: the bias alone
+    assert not torch.equal(twin(x), QLinear(q, s, bias)(x))
 
 
 def test_the_c_path_runs_up_to_the_call_size_where_it_stops_winning():
