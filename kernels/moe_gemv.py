@@ -111,21 +111,31 @@ def moe_ffn(x: torch.Tensor, q_w1: torch.Tensor, s_w1: torch.Tensor, b1: torch.T
     d_model) and ``q_w2b`` (experts, d_model, size) int8; ``s_w1``, ``b1`` per fc_in neuron and
     ``s_w2``, ``b2`` per output, fp32."""
     fn = _kernel("moe_ffn")
-    for name, t, dtype in (("x", x, torch.float32), ("q_w1", q_w1, torch.int8), ("s_w1", s_w1, torch.float32),
-                           ("b1", b1, torch.float32), ("q_w2b", q_w2b, torch.int8), ("s_w2", s_w2, torch.float32),
-                           ("b2", b2, torch.float32), ("chosen", chosen, torch.int64)):
-        _check(name, t, dtype)
-    (tokens, d), (num_expert, _, size) = x.shape, q_w2b.shape
-    if (q_w1.shape != (num_expert * size, d) or q_w2b.shape[1] != d or not len(s_w1) == len(b1) == len(q_w1)
-            or not len(s_w2) == len(b2) == d or len(chosen) != tokens):
-        raise ValueError(f"moe_gemv: shapes do not agree: x {tuple(x.shape)}, q_w1 {tuple(q_w1.shape)}, "
-                         f"q_w2b {tuple(q_w2b.shape)}, scales {len(s_w1)} / {len(s_w2)}, chosen {tuple(chosen.shape)}")
+    _check("x", x, torch.float32)
+    _check("chosen", chosen, torch.int64)
+    num_expert, d, size = _check_experts(q_w1, s_w1, b1, q_w2b, s_w2, b2)
+    tokens = len(x)
+    if x.shape[1] != d or len(chosen) != tokens:
+        raise ValueError(f"moe_gemv: tokens {tuple(x.shape)} and their experts {tuple(chosen.shape)} do not "
+                         f"agree with experts of width {d}")
     out = torch.empty(tokens, d)
     if fn(x.data_ptr(), tokens, d, q_w1.data_ptr(), s_w1.data_ptr(), b1.data_ptr(), q_w2b.data_ptr(),
           s_w2.data_ptr(), b2.data_ptr(), chosen.data_ptr(), chosen.shape[1], size, num_expert, out.data_ptr(),
           torch.get_num_threads()) != 0:
         raise MemoryError(f"moe_gemv: out of memory for the buffers of {tokens} tokens")
     return out
+
+
+def _check_experts(q_w1, s_w1, b1, q_w2b, s_w2, b2) -> tuple[int, int, int]:
+    """(experts, d_model, neurons per expert) of an int8 FFN in expert order, its tensors checked."""
+    for name, t, dtype in (("q_w1", q_w1, torch.int8), ("s_w1", s_w1, torch.float32), ("b1", b1, torch.float32),
+                           ("q_w2b", q_w2b, torch.int8), ("s_w2", s_w2, torch.float32), ("b2", b2, torch.float32)):
+        _check(name, t, dtype)
+    num_expert, d, size = q_w2b.shape
+    if q_w1.shape != (num_expert * size, d) or not len(s_w1) == len(b1) == len(q_w1) or not len(s_w2) == len(b2) == d:
+        raise ValueError(f"moe_gemv: shapes do not agree: q_w1 {tuple(q_w1.shape)}, q_w2b {tuple(q_w2b.shape)}, "
+                         f"scales {len(s_w1)} / {len(s_w2)}, biases {len(b1)} / {len(b2)}")
+    return num_expert, d, size
 
 
 def _check_router(a: torch.Tensor, b: torch.Tensor, d: int, topk: int) -> None:
@@ -161,16 +171,10 @@ class RoutedFFN:
 
     def __init__(self, a, b, topk, q_w1, s_w1, b1, q_w2b, s_w2, b2):
         self._fn = _kernel("moe_routed_ffn")
-        for name, t, dtype in (("q_w1", q_w1, torch.int8), ("s_w1", s_w1, torch.float32), ("b1", b1, torch.float32),
-                               ("q_w2b", q_w2b, torch.int8), ("s_w2", s_w2, torch.float32),
-                               ("b2", b2, torch.float32)):
-            _check(name, t, dtype)
-        (num_expert, d, size) = q_w2b.shape
+        num_expert, d, size = _check_experts(q_w1, s_w1, b1, q_w2b, s_w2, b2)
         _check_router(a, b, d, topk)
-        if (len(b) != num_expert or q_w1.shape != (num_expert * size, d) or not len(s_w1) == len(b1) == len(q_w1)
-                or not len(s_w2) == len(b2) == d):
-            raise ValueError(f"moe_gemv: shapes do not agree: router {tuple(a.shape)}, q_w1 {tuple(q_w1.shape)}, "
-                             f"q_w2b {tuple(q_w2b.shape)}, scales {len(s_w1)} / {len(s_w2)}")
+        if len(b) != num_expert:
+            raise ValueError(f"moe_gemv: a router over {len(b)} experts for an FFN of {num_expert}")
         self._held = (a, b, q_w1, s_w1, b1, q_w2b, s_w2, b2)  # the pointers below stay valid
         self.d, self.num_expert, self.topk, self.size = d, num_expert, topk, size
         self._router = (a.data_ptr(), b.data_ptr())

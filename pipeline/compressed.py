@@ -248,8 +248,10 @@ def calibrate_gemv_rows(model: nn.Module, repeats: int = 20) -> dict[str, int]:
     ``LINEAR_ROWS``) up to which the C int8 linear runs faster than fbgemm, timed here on the
     first layer of that shape ({} where the C kernels cannot run)."""
     table = {}
+    if not moe_gemv.available():
+        return table
     for layer in model.modules():
-        if isinstance(layer, Int8Linear) and moe_gemv.available() and shape_key(layer) not in table:
+        if isinstance(layer, Int8Linear) and shape_key(layer) not in table:
             table[shape_key(layer)] = c_path_up_to(layer, "gemv_rows", LINEAR_ROWS, layer.q_weight.shape[1], repeats)
     return table
 
@@ -293,7 +295,8 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
     Routers artifact directory) and ``topk`` its FFNs become int8 MoE layers, and with
     ``calibrate`` what each call size runs is measured here and recorded in config.json: the share
     of experts from which a call runs the dense path (else 0.5), the fastest one-token path, the
-    largest call the C MoE path runs and, per weight shape, the largest the C int8 linear runs. Returns byte sizes (and those choices)."""
+    largest call the C MoE path runs and, per weight shape, the largest the C int8 linear runs.
+    Returns byte sizes (and those choices)."""
     path = Path(path)
     model = copy.deepcopy(model).cpu().float()
     moe = None
@@ -359,10 +362,10 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
     """The model ``export_compressed`` wrote, on CPU, ready for inference: linear layers run
     fbgemm's int8 GEMM (``Int8Linear``, activations quantized per call) but for calls of up to
     the rows the export measured the C int8 linear faster at (config.json's ``int8_gemv_rows``,
-    per weight shape: QAT's arithmetic), or with ``exact`` QAT's arithmetic (``QLinear``, per token); MoE FFNs run the chosen experts' neurons in QAT's
-    arithmetic, or every neuron when a call's tokens choose ``dense_above`` of the experts or
-    more (default: the share recorded in config.json); a single token runs the weight-only path
-    the export measured fastest (config.json's ``moe.decode_path``; not with ``exact``)."""
+    per weight shape: QAT's arithmetic), or with ``exact`` QAT's arithmetic (``QLinear``, per
+    token); MoE FFNs run the chosen experts' neurons in QAT's arithmetic, or every neuron when a
+    call's tokens choose ``dense_above`` of the experts or more (default: the share recorded in
+    config.json); a single token runs the weight-only path the export measured fastest (config.json's ``moe.decode_path``; not with ``exact``)."""
     path = Path(path)
     model = load_int8(path)
     config = json.loads((path / "config.json").read_text())

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from kernels.gemm import GRADS, linear
 from kernels import moe_gemv
+from kernels.gemm import GRADS, linear
 from kernels.int8 import int8_linear, scale_and_quantize
 from pipeline import sparse24
 from pipeline.models.config import GPTJConfig, checkpoint_config
