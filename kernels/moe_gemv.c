@@ -7,7 +7,8 @@
  * maddubs's pairwise int16 sums clear of saturation.
  *
  * With AVX2 a 32-lane product is |x| (unsigned) times w carrying x's sign, pairs summed to int16
- * (maddubs), then to int32 (madd); SSSE3 does 16 lanes; the rest is plain C. Threads: OpenMP,
+ * (maddubs), then to int32 (madd), or with AVX512-VNNI in one dpbusd; SSSE3 does 16 lanes; the rest
+ * is plain C. Threads: OpenMP,
  * linked against the libgomp that torch has already loaded.
  */
 #include <stdint.h>
@@ -19,16 +20,29 @@
 #include <immintrin.h>
 #endif
 
+/* acc + the sums of each 4 adjacent products x w, ax = |x|: with VNNI one instruction (dpbusd, exact in
+ * int32), else maddubs and madd, whose int16 pair sums stay below 2 * 127 * 127 and so are exact too. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+#endif
 #ifdef __AVX2__
 static inline __m256i madd32(__m256i acc, __m256i ax, __m256i x, __m256i w) {
+#ifdef VNNI
+    return _mm256_dpbusd_epi32(acc, ax, _mm256_sign_epi8(w, x));
+#else
     __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
 }
 #endif
 #ifdef __SSSE3__
 static inline __m128i madd16(__m128i acc, __m128i ax, __m128i x, __m128i w) {
+#ifdef VNNI
+    return _mm_dpbusd_epi32(acc, ax, _mm_sign_epi8(w, x));
+#else
     __m128i p = _mm_maddubs_epi16(ax, _mm_sign_epi8(w, x));
     return _mm_add_epi32(acc, _mm_madd_epi16(p, _mm_set1_epi16(1)));
+#endif
 }
 static inline int32_t hsum128(__m128i s) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -274,6 +288,26 @@ static float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* out[i * stride] = dot_f32(a, b + i * n, n) for i < count (at most 4), each exactly as dot_f32
+ * computes it, the 4 independent sums interleaved so that they do not wait on each other. */
+static void dot_f32_rows(const float *a, const float *b, int64_t n, int64_t count, float *out, int64_t stride) {
+    if (count < 4) {
+        for (int64_t i = 0; i < count; i++) out[i * stride] = dot_f32(a, b + i * n, n);
+        return;
+    }
+    float lane[4][16] = {{0}};
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 16; j++) lane[i][j] += a[k + j] * b[i * n + k + j];
+    for (int i = 0; i < 4; i++) {
+        float s = 0.0f;
+        for (int j = 0; j < 16; j++) s += lane[i][j];
+        for (int64_t m = k; m < n; m++) s += a[m] * b[i * n + m];
+        out[i * stride] = s;
+    }
+}
+
 typedef struct { float score; int64_t expert; } ranked;
 
 /* Descending score, NaN first (torch.topk ranks NaN highest), ties to the lower expert. */
@@ -287,24 +321,38 @@ static int by_score(const void *p, const void *q) {
 
 /* chosen (tokens, topk): per token the topk experts of the MoEfication router
  * b(tanh(a(x / max(|x|, 1e-12)))), a (num_expert, d) and b (num_expert, num_expert) fp32, by
- * descending score. The scores are torch's Router's up to the order of the fp32 sums. Returns 0,
- * or -1 when memory runs out. */
+ * descending score. Each row of a and b is read once for all the tokens (a is most of the bytes
+ * of a router at GPT-J's width). The scores are torch's Router's up to the order of the fp32
+ * sums. Returns 0, or -1 when memory runs out. */
 int moe_route(const float *x, int64_t tokens, int64_t d, const float *a, const float *b, int64_t num_expert,
               int64_t topk, int64_t *chosen, int threads) {
-    float *xn = malloc(d * sizeof(float)), *z = malloc(num_expert * sizeof(float));
+    float *xn = malloc(tokens * d * sizeof(float)), *z = malloc(tokens * num_expert * sizeof(float));
+    float *score = malloc(tokens * num_expert * sizeof(float));
     ranked *r = malloc(num_expert * sizeof(ranked));
-    int ok = xn && z && r;
+    int ok = xn && z && score && r, wide = tokens * num_expert * d >= (1 << 18);
     for (int64_t t = 0; ok && t < tokens; t++) {
         const float *xt = x + t * d;
         float norm = sqrtf(dot_f32(xt, xt, d)), div = norm > 1e-12f ? norm : 1e-12f;
-        for (int64_t k = 0; k < d; k++) xn[k] = xt[k] / div;
-        #pragma omp parallel for num_threads(threads) schedule(static) if (num_expert * d >= (1 << 18))
-        for (int64_t e = 0; e < num_expert; e++) z[e] = tanhf(dot_f32(a + e * d, xn, d));
-        for (int64_t e = 0; e < num_expert; e++) r[e] = (ranked){dot_f32(b + e * num_expert, z, num_expert), e};
+        for (int64_t k = 0; k < d; k++) xn[t * d + k] = xt[k] / div;
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (ok && wide)
+    for (int64_t e = 0; e < num_expert; e++)
+        for (int64_t t = 0; ok && t < tokens; t += 4) {
+            int64_t count = tokens - t < 4 ? tokens - t : 4;
+            dot_f32_rows(a + e * d, xn + t * d, d, count, z + t * num_expert + e, num_expert);
+            for (int64_t i = t; i < t + count; i++) z[i * num_expert + e] = tanhf(z[i * num_expert + e]);
+        }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (ok && wide)
+    for (int64_t e = 0; e < num_expert; e++)
+        for (int64_t t = 0; ok && t < tokens; t += 4)
+            dot_f32_rows(b + e * num_expert, z + t * num_expert, num_expert, tokens - t < 4 ? tokens - t : 4,
+                         score + t * num_expert + e, num_expert);
+    for (int64_t t = 0; ok && t < tokens; t++) {
+        for (int64_t e = 0; e < num_expert; e++) r[e] = (ranked){score[t * num_expert + e], e};
         qsort(r, num_expert, sizeof(ranked), by_score);
         for (int64_t k = 0; k < topk; k++) chosen[t * topk + k] = r[k].expert;
     }
-    free(xn); free(z); free(r);
+    free(xn); free(z); free(score); free(r);
     return ok ? 0 : -1;
 }
 

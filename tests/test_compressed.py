@@ -259,8 +259,9 @@ def test_the_c_path_is_the_sparse_path_bit_for_bit(e, size, d):
 @pytest.mark.parametrize("e,d,tokens", [(8, 24, 1), (32, 70, 9), (64, 4100, 3)])  # the last: threads over experts
 def test_the_c_router_chooses_the_top_experts_of_the_torch_router(e, d, tokens):
     """``moe_gemv.route`` at several thread counts picks, best first, experts whose torch Router
-    scores are ``top_experts``' (the sums' order can only differ in the last bits), ties to the
-    lower expert; a token of zeros ties every expert."""
+    scores are ``top_experts``' (the sums' order can only differ in the last bits), the same
+    experts for a token whatever tokens share its call, ties to the lower expert; a token of zeros
+    ties every expert."""
     from pipeline.moefication.router import Router
 
     g = torch.Generator().manual_seed(e + d)
@@ -279,6 +280,8 @@ def test_the_c_router_chooses_the_top_experts_of_the_torch_router(e, d, tokens):
             chosen = moe_gemv.route(x, a, b, topk)
             torch.testing.assert_close(scores.gather(1, chosen), want, rtol=1e-6, atol=1e-6)
             assert (chosen == router_top.indices).float().mean() >= 0.9
+            # tokens are scored 4 at a time against each row, each sum as one token alone computes it
+            assert torch.equal(chosen, torch.cat([moe_gemv.route(x[i:i + 1], a, b, topk) for i in range(tokens)]))
     finally:
         torch.set_num_threads(threads)
     twins = torch.zeros(e, e)
