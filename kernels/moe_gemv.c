@@ -288,23 +288,58 @@ static float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* out[i * stride] = dot_f32(a, b + i * n, n) for i < count (at most 4), each exactly as dot_f32
- * computes it, the 4 independent sums interleaved so that they do not wait on each other. */
-static void dot_f32_rows(const float *a, const float *b, int64_t n, int64_t count, float *out, int64_t stride) {
-    if (count < 4) {
-        for (int64_t i = 0; i < count; i++) out[i * stride] = dot_f32(a, b + i * n, n);
-        return;
-    }
-    float lane[4][16] = {{0}};
+/* out[i * stride] = a . b[i * n : (i + 1) * n] for i < ROWS in fp32, the ROWS sums interleaved so
+ * that they do not wait on each other: with AVX-512 (or AVX2) in fused multiply-adds over two
+ * vectors of lanes per row, else as dot_f32. A row's sum is the same whichever rows share the call. */
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 vec_t;
+#define VLOAD _mm512_loadu_ps
+#define VFMA _mm512_fmadd_ps
+#define VZERO _mm512_setzero_ps
+static inline float vsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+typedef __m256 vec_t;
+#define VLOAD _mm256_loadu_ps
+#define VFMA _mm256_fmadd_ps
+#define VZERO _mm256_setzero_ps
+static inline float vsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+static inline void dots(const float *a, const float *b, int64_t n, int rows, float *out, int64_t stride) {
     int64_t k = 0;
-    for (; k + 16 <= n; k += 16)
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 16; j++) lane[i][j] += a[k + j] * b[i * n + k + j];
-    for (int i = 0; i < 4; i++) {
+#ifdef LANES
+    vec_t acc[4][2];
+    for (int i = 0; i < rows; i++) acc[i][0] = acc[i][1] = VZERO();
+    for (; k + 2 * LANES <= n; k += 2 * LANES) {
+        vec_t a0 = VLOAD(a + k), a1 = VLOAD(a + k + LANES);
+        for (int i = 0; i < rows; i++) {
+            acc[i][0] = VFMA(a0, VLOAD(b + i * n + k), acc[i][0]);
+            acc[i][1] = VFMA(a1, VLOAD(b + i * n + k + LANES), acc[i][1]);
+        }
+    }
+#endif
+    for (int i = 0; i < rows; i++) {
         float s = 0.0f;
-        for (int j = 0; j < 16; j++) s += lane[i][j];
+#ifdef LANES
+        s = vsum(acc[i][0]) + vsum(acc[i][1]);
+#endif
         for (int64_t m = k; m < n; m++) s += a[m] * b[i * n + m];
         out[i * stride] = s;
+    }
+}
+
+static void dot_f32_rows(const float *a, const float *b, int64_t n, int64_t count, float *out, int64_t stride) {
+    switch (count) {  /* a constant row count for each, so that the accumulators stay in registers */
+    case 4: dots(a, b, n, 4, out, stride); break;
+    case 3: dots(a, b, n, 3, out, stride); break;
+    case 2: dots(a, b, n, 2, out, stride); break;
+    default: dots(a, b, n, 1, out, stride);
     }
 }
 
@@ -322,7 +357,7 @@ static int by_score(const void *p, const void *q) {
 /* chosen (tokens, topk): per token the topk experts of the MoEfication router
  * b(tanh(a(x / max(|x|, 1e-12)))), a (num_expert, d) and b (num_expert, num_expert) fp32, by
  * descending score. Each row of a and b is read once for all the tokens (a is most of the bytes
- * of a router at GPT-J's width). The scores are torch's Router's up to the order of the fp32
+ * of a router at GPT-J's width). The scores are torch's Router's up to the rounding of the fp32
  * sums. Returns 0, or -1 when memory runs out. */
 int moe_route(const float *x, int64_t tokens, int64_t d, const float *a, const float *b, int64_t num_expert,
               int64_t topk, int64_t *chosen, int threads) {
