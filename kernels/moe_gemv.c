@@ -106,10 +106,56 @@ static int route(const int64_t *chosen, int64_t tokens, int64_t topk, int64_t nu
     return 0;
 }
 
+#if defined(VNNI) && defined(__AVX512BW__)
+/* x . w for 4 tokens' x + 128 (unsigned: xu) against one row w, 64 lanes at a time, as
+ * sum (x + 128) w - 128 sum w: dpbusd's u8 x s8 products, exact in int32; the tail in plain C. */
+static void dot_rows4(const uint8_t *const xu[4], const int8_t *const x[4], const int8_t *w, int64_t n, int count,
+                      int32_t out[4]) {
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512i wsum = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
+    int64_t k = 0;
+    for (; k + 64 <= n; k += 64) {
+        __m512i wv = _mm512_loadu_si512((const void *)(w + k));
+        wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+        for (int j = 0; j < count; j++) acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512((const void *)(xu[j] + k)), wv);
+    }
+    int32_t shift = 128 * _mm512_reduce_add_epi32(wsum);
+    for (int j = 0; j < count; j++) {
+        int32_t s = _mm512_reduce_add_epi32(acc[j]) - shift;
+        for (int64_t m = k; m < n; m++) s += x[j][m] * w[m];
+        out[j] = s;
+    }
+}
+#endif
+
 /* acc[t][k * size + i] = q_x[t] . w1[chosen[t][k] * size + i]: each used expert's rows once, split
- * over the threads, for every token that chose it. */
+ * over the threads, for every token that chose it (with AVX512-VNNI 4 tokens per pass over a row). */
 static void gemv_in(const int8_t *q_x, const int8_t *w1, int64_t d, const routing *r, int64_t size,
-                    int32_t *acc, int threads) {
+                    int32_t *acc, int threads, int64_t tokens) {
+#if defined(VNNI) && defined(__AVX512BW__)
+    uint8_t *xu = malloc(tokens * d);
+    if (xu) {
+        for (int64_t k = 0; k < tokens * d; k++) xu[k] = (uint8_t)q_x[k] ^ 0x80;  /* x + 128 */
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t item = 0; item < r->n_used * size; item++) {
+            int64_t u = item / size, i = item % size;
+            const int8_t *row = w1 + (r->used[u] * size + i) * d;
+            for (int64_t s = r->start[u]; s < r->start[u + 1]; s += 4) {
+                int count = r->start[u + 1] - s < 4 ? (int)(r->start[u + 1] - s) : 4;
+                const uint8_t *xs[4];
+                const int8_t *xq[4];
+                int32_t out[4];
+                for (int j = 0; j < count; j++) xs[j] = xu + r->token[s + j] * d, xq[j] = q_x + r->token[s + j] * d;
+                dot_rows4(xs, xq, row, d, count, out);
+                for (int j = 0; j < count; j++) acc[r->users[s + j] * size + i] = out[j];
+            }
+        }
+        free(xu);
+        return;
+    }
+#else
+    (void)tokens;
+#endif
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < r->n_used * size; item++) {
         int64_t u = item / size, i = item % size;
@@ -251,7 +297,7 @@ int moe_ffn(const float *x, int64_t tokens, int64_t d, const int8_t *w1, const f
         ok = route(chosen, tokens, topk, num_expert, &r) == 0;
     }
     if (ok) {
-        gemv_in(q_x, w1, d, &r, size, acc, threads);
+        gemv_in(q_x, w1, d, &r, size, acc, threads, tokens);
         for (int64_t t = 0; t < tokens; t++) {
             for (int64_t k = 0; k < n; k += size)
                 for (int64_t i = 0, row = chosen[t * topk + k / size] * size; i < size; i++, row++) {

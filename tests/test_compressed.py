@@ -230,7 +230,7 @@ def test_the_bagged_gemvs_read_only_the_chosen_experts():
 
 @pytest.mark.parametrize("e,size,d", [(8, 4, 24), (8, 32, 70), (6, 48, 100), (4, 17, 33)])
 def test_the_c_path_is_the_sparse_path_bit_for_bit(e, size, d):
-    """``kernels.moe_gemv`` for 1 to 5 tokens, at every vector width's tail (inputs and expert
+    """``kernels.moe_gemv`` for 1 to 9 tokens, at every vector width's tail (inputs and expert
     sizes off 16 and 32) and at several thread counts, computes ``Int8MoEFFN._sparse``'s bits, and
     an unchosen expert's weights change nothing."""
     from pipeline.moefication.router import Router
@@ -242,7 +242,7 @@ def test_the_c_path_is_the_sparse_path_bit_for_bit(e, size, d):
     ffn = Int8MoEFFN(*(QLinear(*quantize_rows(w), b) for w, b in ((w1, b1), (w2, b2))), Router(d, e), 3)
     threads = torch.get_num_threads()
     try:
-        for n, tokens in ((1, 1), (2, 3), (3, 5), (5, 2)):
+        for n, tokens in ((1, 1), (2, 3), (3, 5), (5, 2), (2, 9)):  # 9: experts with 4 and more tokens
             torch.set_num_threads(n)
             x = torch.randn(tokens, d, generator=g)
             chosen = torch.stack([torch.randperm(e - 1, generator=g)[:3] + 1 for _ in range(tokens)])
