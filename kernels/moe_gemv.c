@@ -8,8 +8,7 @@
  *
  * With AVX2 a 32-lane product is |x| (unsigned) times w carrying x's sign, pairs summed to int16
  * (maddubs), then to int32 (madd), or with AVX512-VNNI in one dpbusd; SSSE3 does 16 lanes; the rest
- * is plain C. Threads: OpenMP,
- * linked against the libgomp that torch has already loaded.
+ * is plain C. Threads: OpenMP, linked against the libgomp that torch has already loaded.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -106,11 +105,12 @@ static int route(const int64_t *chosen, int64_t tokens, int64_t topk, int64_t nu
     return 0;
 }
 
+/* out[j] = x[j] . w for count (at most 4) tokens x[j], xu[j] = x[j] + 128 (unsigned): with
+ * AVX512-VNNI in one pass over w, 64 lanes at a time, as sum (x + 128) w - 128 sum w (dpbusd's
+ * u8 x s8 products, exact in int32; the tail in plain C), else one dot per token. */
+static void row_dots(const int8_t *w, const int8_t *const x[4], const uint8_t *const xu[4], int count, int64_t n,
+                     int32_t out[4]) {
 #if defined(VNNI) && defined(__AVX512BW__)
-/* x . w for 4 tokens' x + 128 (unsigned: xu) against one row w, 64 lanes at a time, as
- * sum (x + 128) w - 128 sum w: dpbusd's u8 x s8 products, exact in int32; the tail in plain C. */
-static void dot_rows4(const uint8_t *const xu[4], const int8_t *const x[4], const int8_t *w, int64_t n, int count,
-                      int32_t out[4]) {
     __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     __m512i wsum = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
     int64_t k = 0;
@@ -125,43 +125,28 @@ static void dot_rows4(const uint8_t *const xu[4], const int8_t *const x[4], cons
         for (int64_t m = k; m < n; m++) s += x[j][m] * w[m];
         out[j] = s;
     }
-}
+#else
+    (void)xu;
+    for (int j = 0; j < count; j++) out[j] = dot(x[j], w, n);
 #endif
+}
 
 /* acc[t][k * size + i] = q_x[t] . w1[chosen[t][k] * size + i]: each used expert's rows once, split
- * over the threads, for every token that chose it (with AVX512-VNNI 4 tokens per pass over a row). */
-static void gemv_in(const int8_t *q_x, const int8_t *w1, int64_t d, const routing *r, int64_t size,
-                    int32_t *acc, int threads, int64_t tokens) {
-#if defined(VNNI) && defined(__AVX512BW__)
-    uint8_t *xu = malloc(tokens * d);
-    if (xu) {
-        for (int64_t k = 0; k < tokens * d; k++) xu[k] = (uint8_t)q_x[k] ^ 0x80;  /* x + 128 */
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t item = 0; item < r->n_used * size; item++) {
-            int64_t u = item / size, i = item % size;
-            const int8_t *row = w1 + (r->used[u] * size + i) * d;
-            for (int64_t s = r->start[u]; s < r->start[u + 1]; s += 4) {
-                int count = r->start[u + 1] - s < 4 ? (int)(r->start[u + 1] - s) : 4;
-                const uint8_t *xs[4];
-                const int8_t *xq[4];
-                int32_t out[4];
-                for (int j = 0; j < count; j++) xs[j] = xu + r->token[s + j] * d, xq[j] = q_x + r->token[s + j] * d;
-                dot_rows4(xs, xq, row, d, count, out);
-                for (int j = 0; j < count; j++) acc[r->users[s + j] * size + i] = out[j];
-            }
-        }
-        free(xu);
-        return;
-    }
-#else
-    (void)tokens;
-#endif
+ * over the threads, for every token that chose it, 4 tokens per pass over a row; xu = q_x + 128. */
+static void gemv_in(const int8_t *q_x, const uint8_t *xu, const int8_t *w1, int64_t d, const routing *r,
+                    int64_t size, int32_t *acc, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < r->n_used * size; item++) {
         int64_t u = item / size, i = item % size;
         const int8_t *row = w1 + (r->used[u] * size + i) * d;
-        for (int64_t s = r->start[u]; s < r->start[u + 1]; s++) {
-            acc[r->users[s] * size + i] = dot(q_x + r->token[s] * d, row, d);
+        for (int64_t s = r->start[u]; s < r->start[u + 1]; s += 4) {
+            int count = r->start[u + 1] - s < 4 ? (int)(r->start[u + 1] - s) : 4;
+            const int8_t *xs[4];
+            const uint8_t *xus[4];
+            int32_t out[4];
+            for (int j = 0; j < count; j++) xs[j] = q_x + r->token[s + j] * d, xus[j] = xu + r->token[s + j] * d;
+            row_dots(row, xs, xus, count, d, out);
+            for (int j = 0; j < count; j++) acc[r->users[s + j] * size + i] = out[j];
         }
     }
 }
@@ -284,20 +269,22 @@ int moe_ffn(const float *x, int64_t tokens, int64_t d, const int8_t *w1, const f
     int64_t n = topk * size;
     int64_t *chosen = malloc(tokens * topk * sizeof(int64_t));
     int8_t *q_x = malloc(tokens * d), *q_h = malloc(tokens * n), *q_h_abs = malloc(tokens * n);
+    uint8_t *xu = malloc(tokens * d);
     int32_t *acc = malloc(tokens * (d > n ? d : n) * sizeof(int32_t));
     float *h = malloc(n * sizeof(float)), *s_x = malloc(tokens * sizeof(float)), *s_h = malloc(tokens * sizeof(float));
     routing r = {0, NULL, NULL, NULL, NULL};
-    int ok = chosen && q_x && q_h && q_h_abs && acc && h && s_x && s_h;
+    int ok = chosen && q_x && xu && q_h && q_h_abs && acc && h && s_x && s_h;
     if (ok) {
         memcpy(chosen, chosen_in, tokens * topk * sizeof(int64_t));
         for (int64_t t = 0; t < tokens; t++) {
             qsort(chosen + t * topk, topk, sizeof(int64_t), by_value);  /* each token's blocks in memory order */
             s_x[t] = quantize_row(x + t * d, d, q_x + t * d);
         }
+        for (int64_t k = 0; k < tokens * d; k++) xu[k] = (uint8_t)q_x[k] ^ 0x80;  /* q_x + 128 */
         ok = route(chosen, tokens, topk, num_expert, &r) == 0;
     }
     if (ok) {
-        gemv_in(q_x, w1, d, &r, size, acc, threads, tokens);
+        gemv_in(q_x, xu, w1, d, &r, size, acc, threads);
         for (int64_t t = 0; t < tokens; t++) {
             for (int64_t k = 0; k < n; k += size)
                 for (int64_t i = 0, row = chosen[t * topk + k / size] * size; i < size; i++, row++) {
@@ -317,7 +304,7 @@ int moe_ffn(const float *x, int64_t tokens, int64_t d, const int8_t *w1, const f
                 out[t * d + j] = v + b2[j];
             }
     }
-    free(chosen); free(q_x); free(q_h); free(q_h_abs); free(acc); free(h); free(s_x); free(s_h);
+    free(chosen); free(q_x); free(xu); free(q_h); free(q_h_abs); free(acc); free(h); free(s_x); free(s_h);
     free(r.used); free(r.start); free(r.users); free(r.token);
     return ok ? 0 : -1;
 }
@@ -411,27 +398,29 @@ int moe_route(const float *x, int64_t tokens, int64_t d, const float *a, const f
     float *score = malloc(tokens * num_expert * sizeof(float));
     ranked *r = malloc(num_expert * sizeof(ranked));
     int ok = xn && z && score && r, wide = tokens * num_expert * d >= (1 << 18);
-    for (int64_t t = 0; ok && t < tokens; t++) {
-        const float *xt = x + t * d;
-        float norm = sqrtf(dot_f32(xt, xt, d)), div = norm > 1e-12f ? norm : 1e-12f;
-        for (int64_t k = 0; k < d; k++) xn[t * d + k] = xt[k] / div;
-    }
-    #pragma omp parallel for num_threads(threads) schedule(static) if (ok && wide)
-    for (int64_t e = 0; e < num_expert; e++)
-        for (int64_t t = 0; ok && t < tokens; t += 4) {
-            int64_t count = tokens - t < 4 ? tokens - t : 4;
-            dot_f32_rows(a + e * d, xn + t * d, d, count, z + t * num_expert + e, num_expert);
-            for (int64_t i = t; i < t + count; i++) z[i * num_expert + e] = tanhf(z[i * num_expert + e]);
+    if (ok) {
+        for (int64_t t = 0; t < tokens; t++) {
+            const float *xt = x + t * d;
+            float norm = sqrtf(dot_f32(xt, xt, d)), div = norm > 1e-12f ? norm : 1e-12f;
+            for (int64_t k = 0; k < d; k++) xn[t * d + k] = xt[k] / div;
         }
-    #pragma omp parallel for num_threads(threads) schedule(static) if (ok && wide)
-    for (int64_t e = 0; e < num_expert; e++)
-        for (int64_t t = 0; ok && t < tokens; t += 4)
-            dot_f32_rows(b + e * num_expert, z + t * num_expert, num_expert, tokens - t < 4 ? tokens - t : 4,
-                         score + t * num_expert + e, num_expert);
-    for (int64_t t = 0; ok && t < tokens; t++) {
-        for (int64_t e = 0; e < num_expert; e++) r[e] = (ranked){score[t * num_expert + e], e};
-        qsort(r, num_expert, sizeof(ranked), by_score);
-        for (int64_t k = 0; k < topk; k++) chosen[t * topk + k] = r[k].expert;
+        #pragma omp parallel for num_threads(threads) schedule(static) if (wide)
+        for (int64_t e = 0; e < num_expert; e++)
+            for (int64_t t = 0; t < tokens; t += 4) {
+                int64_t count = tokens - t < 4 ? tokens - t : 4;
+                dot_f32_rows(a + e * d, xn + t * d, d, count, z + t * num_expert + e, num_expert);
+                for (int64_t i = t; i < t + count; i++) z[i * num_expert + e] = tanhf(z[i * num_expert + e]);
+            }
+        #pragma omp parallel for num_threads(threads) schedule(static) if (wide)
+        for (int64_t e = 0; e < num_expert; e++)
+            for (int64_t t = 0; t < tokens; t += 4)
+                dot_f32_rows(b + e * num_expert, z + t * num_expert, num_expert, tokens - t < 4 ? tokens - t : 4,
+                             score + t * num_expert + e, num_expert);
+        for (int64_t t = 0; t < tokens; t++) {
+            for (int64_t e = 0; e < num_expert; e++) r[e] = (ranked){score[t * num_expert + e], e};
+            qsort(r, num_expert, sizeof(ranked), by_score);
+            for (int64_t k = 0; k < topk; k++) chosen[t * topk + k] = r[k].expert;
+        }
     }
     free(xn); free(z); free(score); free(r);
     return ok ? 0 : -1;

@@ -365,7 +365,8 @@ def load_compressed(path, exact: bool = False, dense_above: float | None = None)
     per weight shape: QAT's arithmetic), or with ``exact`` QAT's arithmetic (``QLinear``, per
     token); MoE FFNs run the chosen experts' neurons in QAT's arithmetic, or every neuron when a
     call's tokens choose ``dense_above`` of the experts or more (default: the share recorded in
-    config.json); a single token runs the weight-only path the export measured fastest (config.json's ``moe.decode_path``; not with ``exact``)."""
+    config.json); a single token runs the weight-only path the export measured fastest
+    (config.json's ``moe.decode_path``; not with ``exact``)."""
     path = Path(path)
     model = load_int8(path)
     config = json.loads((path / "config.json").read_text())
