@@ -237,21 +237,38 @@ static void gemv_out(const int8_t *q_h, const int8_t *q_h_abs, const int8_t *w2b
 }
 
 /* Per-row quantization exactly as kernels.int8.scale_and_quantize: the scale is fp16(max |x| / 127)
- * ignoring NaN, q = round_half_even(x / scale) clamped to +-127, NaN (and x / 0) to 0. Returns the
- * scale (as fp32). */
-static float quantize_row(const float *x, int64_t n, int8_t *q) {
+ * ignoring NaN, q = round_half_even(x / scale) clamped to +-127, NaN (and x / 0) to 0. */
+static float row_scale(const float *x, int64_t n) {
     float a = 0.0f;
     for (int64_t k = 0; k < n; k++) {
         float v = fabsf(x[k]);
         if (v > a) a = v;  /* false for NaN */
     }
-    float s = (float)(_Float16)(a / 127.0f), div = s == 0.0f ? INFINITY : s;
-    for (int64_t k = 0; k < n; k++) {
-        float v = nearbyintf(x[k] / div);
-        if (v != v) v = 0.0f;
-        q[k] = (int8_t)(v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v);
-    }
+    return (float)(_Float16)(a / 127.0f);
+}
+
+static inline float quantized(float x, float div) {
+    float v = nearbyintf(x / div);
+    if (v != v) v = 0.0f;
+    return v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v;
+}
+
+/* The row quantized into q; returns its scale (as fp32). */
+static float quantize_row(const float *x, int64_t n, int8_t *q) {
+    float s = row_scale(x, n), div = s == 0.0f ? INFINITY : s;
+    for (int64_t k = 0; k < n; k++) q[k] = (int8_t)quantized(x[k], div);
     return s;
+}
+
+/* Every row of x (tokens, k) quantized as quantize_row does, the integers written as floats into q
+ * and the scales into s: the tokens pipeline.quant hands to fbgemm's int8 GEMM. */
+void quantize_rows(const float *x, int64_t tokens, int64_t k, float *q, float *s, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (tokens * k >= (1 << 16))
+    for (int64_t t = 0; t < tokens; t++) {
+        float scale = row_scale(x + t * k, k), div = scale == 0.0f ? INFINITY : scale;
+        for (int64_t j = 0; j < k; j++) q[t * k + j] = quantized(x[t * k + j], div);
+        s[t] = scale;
+    }
 }
 
 static int by_value(const void *a, const void *b) {

@@ -78,6 +78,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.moe_route.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.moe_routed_ffn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, *[ptr] * 6, i64, ptr, ctypes.c_int]
     lib.int8_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.quantize_rows.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.quantize_rows.restype = None
     for fn in (lib.moe_ffn, lib.moe_route, lib.moe_routed_ffn, lib.int8_linear):
         fn.restype = ctypes.c_int
     return lib, "ok"
@@ -235,6 +237,21 @@ class Int8Linear:
                     torch.get_num_threads()) != 0:
             raise MemoryError(f"moe_gemv: out of memory for {len(x)} tokens")
         return out
+
+
+def quantize_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` (tokens, k) fp32 quantized as ``kernels.int8.scale_and_quantize`` does,
+    the integers written as fp32 into ``out`` (at least tokens rows of k); returns the scales
+    (tokens,) fp32."""
+    _check("x", x, torch.float32)
+    _check("out", out, torch.float32)
+    if x.dim() != 2 or out.dim() != 2 or out.shape[1] != x.shape[1] or len(out) < len(x):
+        raise ValueError(f"moe_gemv: quantize_rows wants x (tokens, k) and out with as many columns and at least "
+                         f"as many rows: got {tuple(x.shape)} and {tuple(out.shape)}")
+    scales = torch.empty(len(x))
+    _kernel("quantize_rows")(x.data_ptr(), len(x), x.shape[1], out.data_ptr(), scales.data_ptr(),
+                             torch.get_num_threads())
+    return scales
 
 
 def expert_blocks(q_w2: torch.Tensor, num_expert: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from kernels import moe_gemv
+from kernels import fbgemm, moe_gemv
 from kernels.gemm import GRADS, linear
 from kernels.int8 import int8_linear, scale_and_quantize
 from pipeline import sparse24
@@ -72,8 +71,8 @@ class BMQuant:
 class Int8Linear(moe_gemv.HeldCall, nn.Module):
     """Inference-only linear layer holding int8 weights with per-row fp16 scales.
 
-    On CPU the product runs in fbgemm's int8 GEMM on weights packed once at load time (dynamic
-    quantization: the activations are quantized per call, per tensor), or for calls of up to
+    On CPU the product runs in fbgemm's int8 GEMM on weights packed once at load time, the tokens
+    quantized one by one as in training where fbgemm sums exactly (``kernels.fbgemm``), or for calls of up to
     ``gemv_rows`` tokens (as the export measured faster) in QAT's arithmetic in C
     (``kernels.moe_gemv.Int8Linear``: tokens quantized one by one); on CUDA tokens are quantized
     per row as in training and the product runs in cuBLASLt's int8 GEMM."""
@@ -89,11 +88,7 @@ class Int8Linear(moe_gemv.HeldCall, nn.Module):
 
     def _fbgemm(self):
         if self._packed is None:
-            with warnings.catch_warnings():  # quantized tensors are deprecated API, still the way to fbgemm
-                warnings.simplefilter("ignore")
-                w = torch._make_per_channel_quantized_tensor(
-                    self.q_weight, self.scale.double(), torch.zeros_like(self.scale, dtype=torch.long), 0)
-            self._packed = torch.ops.quantized.linear_prepack(w, self.bias)
+            self._packed = fbgemm.pack(self.q_weight, self.scale)
         return self._packed
 
     def _gemv(self) -> moe_gemv.Int8Linear:
@@ -104,10 +99,9 @@ class Int8Linear(moe_gemv.HeldCall, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            if x.numel() <= self.gemv_rows * x.shape[-1]:
-                flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-                return self._gemv()(flat).to(x.dtype).reshape(*x.shape[:-1], -1)
-            return torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm(), True).to(x.dtype)
+            flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+            y = self._gemv()(flat) if len(flat) <= self.gemv_rows else fbgemm.linear(flat, self._fbgemm(), self.bias)
+            return y.to(x.dtype).reshape(*x.shape[:-1], -1)
         y = int8_linear(x.reshape(-1, x.shape[-1]), self.q_weight, self.scale, fp16=True)
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y + self.bias.to(x.dtype) if self.bias is not None else y

@@ -29,6 +29,7 @@ RUNS = {
     "kernels/__init__.py": set(),  # re-exports only: stages import the kernels they run
     "kernels/backend.py": INT8,
     "kernels/bagged.py": INT8,  # pipeline.compressed runs it (the MoE decode path)
+    "kernels/fbgemm.py": INT8,  # pipeline.quant.Int8Linear runs it (the deployed int8 layers)
     "kernels/gemm.py": INT8,
     "kernels/moe_gemv.c": INT8,  # compiled by kernels/moe_gemv.py: pipeline.compressed's MoE decode path
     "kernels/moe_gemv.py": INT8,
