@@ -71,29 +71,54 @@ def _init_centroids(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tens
     return x[chosen].clone()
 
 
+class Swaps:
+    """Rounds of exchanges between experts, in place on ``labels``, for the similarities ``scores``
+    (rows x experts) to fixed centroids: in each round, for every pair of experts (a, b), the row of
+    a that gains most by moving to b and the row of b that gains most by moving to a swap places
+    when their gains sum above zero (each row at most once per round; sizes stay equal). A round
+    recomputes the best moves only of the experts the previous round changed: the others' rows
+    and their gains are as they were."""
+
+    def __init__(self, scores: torch.Tensor, labels: torch.Tensor, k: int):
+        self.scores, self.labels, self.k = scores, labels, k
+        self.members = torch.argsort(labels, stable=True).view(k, -1)  # each expert's rows, ascending
+        self.best, self.where = self._moves(torch.arange(k, device=labels.device))
+
+    def _moves(self, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each of ``experts`` and every expert b: the best gain of moving one of its rows to b,
+        and that row's place among its members."""
+        s = self.scores[self.members[experts]]  # (experts, size, k)
+        return (s - s.gather(2, experts[:, None, None].expand(-1, s.shape[1], 1))).max(dim=1)
+
+    def round(self) -> int:
+        """One round of exchanges; returns the swaps made."""
+        pair = self.best + self.best.T
+        a, b = torch.triu(pair > 1e-6, diagonal=1).nonzero(as_tuple=True)
+        rank = torch.argsort(pair[a, b], descending=True, stable=True)
+        a, b = a[rank], b[rank]
+        size, flat = self.members.shape[1], self.members.view(-1)
+        at_ab, at_ba = (a * size + self.where[a, b]).tolist(), (b * size + self.where[b, a]).tolist()
+        used, places, rows = set(), [], []
+        for p, q in zip(at_ab, at_ba):
+            i, j = int(flat[p]), int(flat[q])
+            if i not in used and j not in used:
+                used.update((i, j))
+                places += [p, q]
+                rows += [j, i]
+        if rows:
+            on = self.labels.device
+            places_t = torch.as_tensor(places, device=on)
+            flat[places_t] = torch.as_tensor(rows, device=on)
+            self.labels[flat[places_t]] = places_t // size
+            touched = torch.unique(places_t // size)
+            self.members[touched] = self.members[touched].sort(dim=1).values
+            self.best[touched], self.where[touched] = self._moves(touched)
+        return len(rows) // 2
+
+
 def swap_pass(scores: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    """One round of exchanges between experts, in place, for the similarities ``scores`` (rows x
-    experts) to fixed centroids: for every pair of experts (a, b), the row of a that gains most by
-    moving to b and the row of b that gains most by moving to a swap places when their gains sum
-    above zero (each row at most once per round; sizes stay equal). Returns the swaps made."""
-    size = len(scores) // k
-    gain = scores - scores.gather(1, labels[:, None])
-    order = torch.argsort(labels, stable=True)  # rows grouped by expert, ``size`` in each
-    best, where = gain[order].view(k, size, k).max(dim=1)  # (a, b): the best move a -> b, and its row
-    pair = best + best.T
-    a, b = torch.triu(pair > 1e-6, diagonal=1).nonzero(as_tuple=True)
-    rank = torch.argsort(pair[a, b], descending=True, stable=True)
-    a, b = a[rank], b[rank]
-    rows_ab, rows_ba = order[a * size + where[a, b]].tolist(), order[b * size + where[b, a]].tolist()
-    used, rows, to = set(), [], []
-    for i, j, ea, eb in zip(rows_ab, rows_ba, a.tolist(), b.tolist()):
-        if i not in used and j not in used:
-            used.update((i, j))
-            rows += [i, j]
-            to += [eb, ea]
-    if rows:
-        labels[torch.as_tensor(rows, device=labels.device)] = torch.as_tensor(to, device=labels.device)
-    return len(rows) // 2
+    """One round of ``Swaps`` from scratch; returns the swaps made."""
+    return Swaps(scores, labels, k).round()
 
 
 def seedings(rows: int, dims: int, num_expert: int) -> int:
@@ -134,8 +159,9 @@ def _kmeans(x: torch.Tensor, k: int, size: int, centroids: torch.Tensor, iterati
     for _ in range(iterations):
         scores = x @ centroids.T
         new = balanced_assign(scores, size)
-        for _ in range(swap_rounds if k > 1 else 0):
-            if swap_pass(scores, new, k) <= len(x) // 2000:  # a round costs the same however few it swaps
+        swaps = Swaps(scores, new, k) if swap_rounds and k > 1 else None
+        for _ in range(swap_rounds if swaps else 0):
+            if swaps.round() <= len(x) // 2000:
                 break
         if labels is not None and torch.equal(new, labels):
             return labels, True
