@@ -476,3 +476,52 @@ int int8_linear(const float *x, int64_t tokens, int64_t k, const int8_t *w, cons
     free(q_x); free(s_x);
     return ok ? 0 : -1;
 }
+
+/* The rotary embedding on the first rotary_dim dims of every head, in place (see attend_one). */
+static void rotate(float *x, const float *c, const float *s, int64_t n_head, int64_t head_dim, int64_t rotary_dim) {
+    for (int64_t h = 0; h < n_head; h++) {
+        float *y = x + h * head_dim;
+        for (int64_t j = 0; j < rotary_dim; j += 2) {
+            float x0 = y[j], x1 = y[j + 1];
+            y[j] = x0 * c[j] + (-x1) * s[j];
+            y[j + 1] = x1 * c[j + 1] + x0 * s[j + 1];
+        }
+    }
+}
+
+/* One new token of one sequence through attention, after its projections, as
+ * pipeline.models.gptj.Attention computes it: the rotary embedding on the first rotary_dim dims of
+ * every head of q and k (interleaved pairs: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), with
+ * cos and sin (rotary_dim) this position's), k and v written into the caches (n_head, max_len,
+ * head_dim) at pos, and out (n_head * head_dim) the softmax(q . k / sqrt(head_dim)) weighted sum
+ * of the cached values at positions 0 .. pos. q and k are rotated in place. Returns 0, or -1 when
+ * memory runs out. */
+int attend_one(float *q, float *k, const float *v, const float *c, const float *s, int64_t n_head, int64_t head_dim,
+               int64_t rotary_dim, float *cache_k, float *cache_v, int64_t max_len, int64_t pos, float *out, int threads) {
+    rotate(q, c, s, n_head, head_dim, rotary_dim);
+    rotate(k, c, s, n_head, head_dim, rotary_dim);
+    for (int64_t h = 0; h < n_head; h++) {
+        memcpy(cache_k + (h * max_len + pos) * head_dim, k + h * head_dim, head_dim * sizeof(float));
+        memcpy(cache_v + (h * max_len + pos) * head_dim, v + h * head_dim, head_dim * sizeof(float));
+    }
+    float *scores = malloc(n_head * (pos + 1) * sizeof(float));
+    if (!scores) return -1;
+    float scale = 1.0f / sqrtf((float)head_dim);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n_head * (pos + 1) * head_dim >= (1 << 18))
+    for (int64_t h = 0; h < n_head; h++) {
+        const float *qh = q + h * head_dim, *keys = cache_k + h * max_len * head_dim, *vals = cache_v + h * max_len * head_dim;
+        float *sc = scores + h * (pos + 1), *o = out + h * head_dim, top = -INFINITY, sum = 0.0f;
+        for (int64_t p = 0; p <= pos; p++) {
+            sc[p] = dot_f32(qh, keys + p * head_dim, head_dim) * scale;
+            if (sc[p] > top) top = sc[p];
+        }
+        for (int64_t p = 0; p <= pos; p++) sum += (sc[p] = expf(sc[p] - top));
+        for (int64_t j = 0; j < head_dim; j++) o[j] = 0.0f;
+        for (int64_t p = 0; p <= pos; p++) {
+            float w = sc[p] / sum;
+            for (int64_t j = 0; j < head_dim; j++) o[j] += w * vals[p * head_dim + j];
+        }
+    }
+    free(scores);
+    return 0;
+}

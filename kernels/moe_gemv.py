@@ -80,6 +80,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.int8_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.quantize_rows.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.quantize_rows.restype = None
+    lib.attend_one.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.attend_one.restype = ctypes.c_int
     for fn in (lib.moe_ffn, lib.moe_route, lib.moe_routed_ffn, lib.int8_linear):
         fn.restype = ctypes.c_int
     return lib, "ok"
@@ -252,6 +254,30 @@ def quantize_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     _kernel("quantize_rows")(x.data_ptr(), len(x), x.shape[1], out.data_ptr(), scales.data_ptr(),
                              torch.get_num_threads())
     return scales
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache_k: torch.Tensor, cache_v: torch.Tensor, pos: int) -> torch.Tensor:
+    """fp32 (n_head * head_dim,): one new token at position ``pos`` of one sequence through
+    attention after its projections, as ``pipeline.models.gptj.Attention`` computes it (rotary
+    embedding on q and k with this position's ``cos`` and ``sin`` (rotary_dim), k and v written into
+    the caches (n_head, max_len, head_dim), softmax attention over positions 0 .. pos) in one call.
+    ``q``, ``k``, ``v`` (n_head, head_dim) fp32; q and k are rotated in place."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("cache_k", cache_k), ("cache_v", cache_v)):
+        _check(name, t, torch.float32)
+    n_head, max_len, head_dim = cache_k.shape
+    if not (q.shape == k.shape == v.shape == (n_head, head_dim) and cache_v.shape == cache_k.shape
+            and cos.shape == sin.shape and cos.dim() == 1 and len(cos) <= head_dim and len(cos) % 2 == 0
+            and 0 <= pos < max_len):
+        raise ValueError(f"moe_gemv: attend_one wants q, k, v ({n_head}, {head_dim}) for caches {tuple(cache_k.shape)}, "
+                         f"an even rotary_dim up to {head_dim} and 0 <= pos < {max_len}: got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, cos {tuple(cos.shape)}, pos {pos}")
+    out = torch.empty(n_head * head_dim)
+    if _kernel("attend_one")(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), n_head,
+                             head_dim, len(cos), cache_k.data_ptr(), cache_v.data_ptr(), max_len, pos, out.data_ptr(),
+                             torch.get_num_threads()) != 0:
+        raise MemoryError(f"moe_gemv: out of memory attending over {pos + 1} positions")
+    return out
 
 
 def expert_blocks(q_w2: torch.Tensor, num_expert: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from kernels import bagged, moe_gemv
+from kernels import bagged, fbgemm, moe_gemv
 from kernels.int8 import int8_linear
 from pipeline import methods
 from pipeline.artifacts import save_safetensors
@@ -334,7 +334,7 @@ def export_compressed(model, path, routers: Path | None = None, topk: int | None
     return {"bytes": sum((path / f).stat().st_size for f in files), "weights_bytes": sizes["bytes"],
             "sparse_matrices": sizes["sparse_matrices"], "dense_above": moe and moe["dense_above"],
             "decode_path": decode_path(moe), "gemv_tokens": (moe or {}).get("gemv_tokens", 0),
-            "int8_gemv_rows": config.get("int8_gemv_rows", {})}
+            "int8_gemv_rows": config.get("int8_gemv_rows", {}), "int8_per_token": fbgemm.exact()}
 
 
 def decode_path(moe: dict | None) -> str:

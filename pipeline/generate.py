@@ -18,6 +18,7 @@ import torch
 from pipeline import cli
 from pipeline.cli import UsageError
 from pipeline.compressed import COMPRESSED_DIR
+from pipeline.decode import use_c_attention
 
 TOKENIZER = "tokenizer.json"
 
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     check_vocabulary(tokenizer, tokenizer_file, path)
     model = load_model(path, args.moe_path)
+    use_c_attention(model)
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
         raise UsageError("--prompt encodes to no tokens; give some text")

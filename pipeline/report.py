@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.decode import use_c_attention
 from pipeline.evaluate import NEW_TOKENS as GREEDY_TOKENS, PROMPTS as GREEDY_PROMPTS
 
 PREFILL_TOKENS = (16, 128)  # prompt lengths whose prefill is timed
@@ -31,8 +32,11 @@ def decode_seconds(model, prompt: torch.Tensor, steps: int) -> float:
 def serving_speed(models: dict, vocab: int, rounds: int = 7, calls: int = 3, seed: int = 0) -> dict[str, dict]:
     """CPU tokens per second of every model as served: the prefill of one prompt of each length
     in ``PREFILL_TOKENS``, and batch-1 decoding with the KV cache (``DECODE_TOKENS`` tokens after
-    a ``DECODE_CONTEXT``-token prompt, shortened to fit n_positions). The models take turns within
+    a ``DECODE_CONTEXT``-token prompt, shortened to fit n_positions), every model's attention steps
+    in C where the kernels exist (``pipeline.decode``). The models take turns within
     every round (so machine noise hits all alike); each figure is the median over rounds."""
+    for model in models.values():  # every model decodes on the same attention path
+        use_c_attention(model)
     gen = torch.Generator().manual_seed(seed)
     first = next(iter(models.values()))
     context = min(DECODE_CONTEXT, first.config.n_positions - DECODE_TOKENS)

@@ -42,6 +42,7 @@ RUNS = {
     "pipeline/compressed.py": INT8,
     "pipeline/serving.py": INT8 - {"Report"},  # the int8 runs declare it: their export measures the GPU paths
     "pipeline/data.py": EVERY,
+    "pipeline/decode.py": {"Report"},  # the report's decoding (and the generation command)
     "pipeline/distill.py": {"ReluModel"} | FINALS,
     "pipeline/distributed.py": TRAINING | {"HiddenStates"},
     "pipeline/evaluate.py": {"BaseModel"},

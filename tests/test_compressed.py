@@ -181,6 +181,7 @@ def test_the_one_token_moe_paths_equal_the_eager_definition(relu_model_and_check
     rows = config["int8_gemv_rows"]
     assert rows == sizes["int8_gemv_rows"] and set(rows) == {"64x64", "512x64", "256x64", "64x256"}  # attention, head, dense FFN
     assert set(rows.values()) <= {0, *LINEAR_ROWS}
+    assert sizes["int8_per_token"] is fbgemm.exact()
     assert load_compressed(tmp_path / "c").transformer.h[1].attn.q_proj.gemv_rows == rows["64x64"]
     assert load_compressed(tmp_path / "c", exact=True).lm_head.__class__ is QLinear
     ffn = load_compressed(tmp_path / "c", exact=True).transformer.h[0].mlp

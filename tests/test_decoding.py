@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 
+from kernels import moe_gemv
 from pipeline.compressed import export_compressed, load_compressed
+from pipeline.decode import CachedAttention, use_c_attention
 from pipeline.generate import generate
 from pipeline.models import GPTJ, get_preset
 from pipeline.moefication import BMMoE
@@ -48,6 +50,31 @@ def test_every_model_kind_decodes_what_the_full_forward_computes(relu_model_and_
             full, cached = m(ids), decoded(m, ids)
         torch.testing.assert_close(cached, full, rtol=tol, atol=tol, msg=kind)
         assert generate(m, ids[0, :PROMPT].tolist(), 20) == generate(m, ids[0, :PROMPT].tolist(), 20, kv_cache=False), kind
+
+
+def test_the_c_attention_step_decodes_what_the_full_forward_computes(relu_model_and_checkpoint, tmp_path,
+                                                                    monkeypatch):
+    """``use_c_attention``: every kind, batch 1, its one-token steps in C (``attend_one``), to the
+    same tolerance; generation with the cache gives the recompute's tokens."""
+    model, ckpt = relu_model_and_checkpoint
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
+    steps, real = [], moe_gemv.attend_one
+    monkeypatch.setattr(moe_gemv, "attend_one", lambda *a: steps.append(a[-1]) or real(*a))
+    every = kinds(model, ckpt, tmp_path)
+    for kind, (m, tol) in every.items():
+        with torch.no_grad():
+            full = m(ids)
+            assert use_c_attention(m) and isinstance(m.transformer.h[0].attn, CachedAttention), kind
+            before = len(steps)
+            cached = decoded(m, ids)
+        torch.testing.assert_close(cached, full, rtol=tol, atol=tol, msg=kind)
+        assert len(steps) - before == m.config.n_layer * (ids.shape[1] - PROMPT), kind
+        assert generate(m, ids[0, :PROMPT].tolist(), 20) == generate(m, ids[0, :PROMPT].tolist(), 20, kv_cache=False), kind
+    layers = every["dense"][0].config.n_layer
+    assert steps[:layers + 1] == [PROMPT] * layers + [PROMPT + 1], "each layer's step at the token's position"
+    with pytest.raises(ValueError, match="attend_one wants"):
+        real(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(4), torch.zeros(4),
+             torch.zeros(2, 16, 8), torch.zeros(2, 16, 8), 16)
 
 
 def test_the_fast_int8_path_decodes_within_its_quantization_error(relu_model_and_checkpoint, tmp_path):
