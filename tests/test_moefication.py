@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.moefication import balanced_kmeans, cosine_to_centroid, random_split
-from pipeline.moefication.clustering import balanced_assign, coactivation_rows, swap_pass
+from pipeline.moefication.clustering import Swaps, balanced_assign, coactivation_rows, swap_pass
 
 
 def planted(n_groups=16, per_group=32, dim=64, noise=0.3, seed=0):
@@ -83,6 +83,21 @@ def test_swaps_keep_sizes_raise_the_similarity_and_stop_where_no_pair_gains():
             a, b = int(labels[i]), int(labels[j])
             if a != b:  # swapping any two rows of different experts gains nothing
                 assert scores[i, b] + scores[j, a] - own[i] - own[j] <= 1e-6
+
+
+def test_swap_rounds_that_recompute_only_the_changed_experts_swap_as_rounds_from_scratch():
+    k, size = 12, 9
+    scores = torch.rand(k * size, k, generator=torch.Generator().manual_seed(1))
+    labels = balanced_assign(scores, size)
+    fresh, swaps = labels.clone(), Swaps(scores, labels, k)
+    rounds = 0
+    while made := swaps.round():
+        rounds += 1
+        assert swap_pass(scores, fresh, k) == made and torch.equal(labels, fresh), rounds
+        again = Swaps(scores, labels.clone(), k)  # the moves kept: those of the labels now
+        assert torch.equal(swaps.best, again.best) and torch.equal(swaps.where, again.where), rounds
+        assert all(set(swaps.members[e].tolist()) == set((labels == e).nonzero().view(-1).tolist()) for e in range(k))
+    assert rounds >= 2 and swap_pass(scores, fresh, k) == 0
 
 
 def test_swap_refinement_clusters_at_least_as_tightly():
