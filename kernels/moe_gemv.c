@@ -239,11 +239,15 @@ static void gemv_out(const int8_t *q_h, const int8_t *q_h_abs, const int8_t *w2b
 /* Per-row quantization exactly as kernels.int8.scale_and_quantize: the scale is fp16(max |x| / 127)
  * ignoring NaN, q = round_half_even(x / scale) clamped to +-127, NaN (and x / 0) to 0. */
 static float row_scale(const float *x, int64_t n) {
-    float a = 0.0f;
-    for (int64_t k = 0; k < n; k++) {
-        float v = fabsf(x[k]);
-        if (v > a) a = v;  /* false for NaN */
-    }
+    float lane[16] = {0}, a = 0.0f;  /* 16 independent maxima, which the compiler vectorises */
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int j = 0; j < 16; j++) {
+            float v = fabsf(x[k + j]);
+            lane[j] = v > lane[j] ? v : lane[j];  /* false for NaN */
+        }
+    for (; k < n; k++) lane[0] = fabsf(x[k]) > lane[0] ? fabsf(x[k]) : lane[0];
+    for (int j = 0; j < 16; j++) a = lane[j] > a ? lane[j] : a;
     return (float)(_Float16)(a / 127.0f);
 }
 
