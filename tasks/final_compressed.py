@@ -138,7 +138,7 @@ class FinalCompressed(DistillingStage):
             metrics.update(compressed_bytes=sizes["bytes"], moe_dense_above=sizes["dense_above"],
                            compressed_sparse_matrices=sizes["sparse_matrices"],
                            moe_decode_path=sizes["decode_path"], moe_gemv_tokens=sizes["gemv_tokens"],
-                           int8_gemv_rows=sizes["int8_gemv_rows"],
+                           int8_gemv_rows=sizes["int8_gemv_rows"], int8_per_token=sizes["int8_per_token"],
                            compressed_size_ratio=round(sizes["bytes"] / teacher_bytes, 4),
                            compressed_valid_perplexity=round(deployed["perplexity"], 4),
                            compressed_perplexity_ratio=round(deployed["perplexity"] / teacher, 4),
