@@ -124,7 +124,8 @@ class Report(Stage):
 
         finals = {**{name: name for name in VARIANTS}, f"final: {inputs['final'].metrics['variant']}": "final"}
         ptq_dir = build.path / "int8_ptq"
-        ptq = export_compressed(from_pretrained(base.path).eval(), ptq_dir)
+        # deployed as the QAT runs' exports are: each weight shape's C int8 linear crossover measured here
+        ptq = export_compressed(from_pretrained(base.path).eval(), ptq_dir, calibrate=True)
         moe_name, ptq_name = f"MoE {round(100 * topk / num_expert)}% experts", "int8 PTQ (no training)"
         rows = [
             ("teacher", job("teacher", from_pretrained, path=str(base.path)), dense_bytes(base),
