@@ -44,7 +44,8 @@ def exact() -> bool:
 def _quantized_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x's rows quantized as QAT quantizes them, as fp32 integers, with the row spanning -128 to
     127 appended; their scales)."""
-    q = torch.zeros(len(x) + 1, x.shape[1])
+    q = torch.empty(len(x) + 1, x.shape[1])  # the token rows are all written below
+    q[-1].zero_()
     q[-1, :2] = torch.tensor([-128.0, 127.0])
     if moe_gemv.available():
         return q, moe_gemv.quantize_rows(x, q)

@@ -97,10 +97,9 @@ class Swaps:
         rank = torch.argsort(pair[a, b], descending=True, stable=True)
         a, b = a[rank], b[rank]
         size, flat = self.members.shape[1], self.members.view(-1)
-        at_ab, at_ba = (a * size + self.where[a, b]).tolist(), (b * size + self.where[b, a]).tolist()
+        at_ab, at_ba = a * size + self.where[a, b], b * size + self.where[b, a]
         used, places, rows = set(), [], []
-        for p, q in zip(at_ab, at_ba):
-            i, j = int(flat[p]), int(flat[q])
+        for p, q, i, j in zip(at_ab.tolist(), at_ba.tolist(), flat[at_ab].tolist(), flat[at_ba].tolist()):
             if i not in used and j not in used:
                 used.update((i, j))
                 places += [p, q]
