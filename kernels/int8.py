@@ -124,6 +124,13 @@ def int_matmul(qa: torch.Tensor, qb: torch.Tensor, backend: str) -> torch.Tensor
     """Exact integer product of int8 tensors (b, M, K) @ (b, K, N), broadcasting a batch of 1:
     int32 from the int8 GEMM (or the blocked fp32 one), fp32 from one exact fp32 block, or fp32
     from the float64 reference (the spec's ``fp32(acc)``): the same values either way."""
+    # an autocast region (training under bf16) would run the float GEMMs below in bf16: inexact,
+    # and which backend runs is chosen by timing, so results would change with the machine's load
+    with torch.autocast(qa.device.type, enabled=False):
+        return _int_matmul(qa, qb, backend)
+
+
+def _int_matmul(qa: torch.Tensor, qb: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "cpu-exact" or not _int_mm_fits(qa, qb):
         return torch.matmul(qa.double(), qb.double()).float()
     cuda = qa.device.type == "cuda"

@@ -209,6 +209,23 @@ def test_fast_paths_equal_the_exact_path_at_model_sizes(backend, dtype):
         assert torch.equal(f, e)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_products_are_exact_inside_autocast(backend):
+    """Training runs under bf16 autocast, which would take the fp32 GEMM of the int8 values to
+    bf16; the timed choice between backends then changed QAT's results with the machine's load
+    (a resumed FinalCompressed run 3e-3 away from the uninterrupted one)."""
+    from kernels.int8 import int_matmul
+
+    g = torch.Generator().manual_seed(12)
+    a = torch.randint(-127, 128, (2, 24, 300), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (1, 300, 40), dtype=torch.int8, generator=g)
+    expected = a.long() @ b.long()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = int_matmul(a, b, backend)
+    assert got.dtype in (torch.int32, torch.float32)
+    assert torch.equal(got.long(), expected)
+
+
 def test_the_fp32_product_is_exact_at_the_extremes_of_its_blocks():
     from kernels.int8 import FP32_EXACT_K, cpu_product, int_matmul
 
