@@ -102,3 +102,44 @@ def test_a_cache_longer_than_the_model_takes_is_refused():
     model = GPTJ(get_preset("gpt-j-smoke"))
     with pytest.raises(ValueError, match="a KV cache of 129 positions: expected 1 to n_positions 128"):
         model.setup_caches(1, 129)
+
+
+def test_q_k_v_fuse_into_one_projection_over_the_same_memory(relu_model_and_checkpoint, tmp_path):
+    """Cached steps project q, k and v in one call (fp32 linears, the C int8 linears), their weights
+    stacked with the parts left as views of them; the three separate projections give the same
+    values, and replaced weights (``.to()``, a copy) are fused again, not served stale."""
+    from pipeline.decode import fuse
+    from pipeline.quant import Int8Linear
+
+    model, ckpt = relu_model_and_checkpoint
+    export_compressed(model, tmp_path / "c", ckpt, 3)
+    fast = load_compressed(tmp_path / "c")
+    x = torch.randn(1, model.config.n_embd, generator=torch.Generator().manual_seed(4))
+    for m, tol in ((copy.deepcopy(model), 1e-6), (fast, 0.0)):
+        attn = m.transformer.h[0].attn
+        parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+        with torch.no_grad():
+            separate = torch.cat([p(x) for p in parts], dim=-1)
+            one = fuse(parts)
+            assert one is not None
+            torch.testing.assert_close(one(x), separate, rtol=tol, atol=tol)
+            torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), separate, rtol=0, atol=0)
+        weights = [p.q_weight if isinstance(p, Int8Linear) else p.weight for p in parts]
+        assert len({w.untyped_storage().data_ptr() for w in weights}) == 1, "the parts share the stacked weight"
+    dense = copy.deepcopy(model)
+    use_c_attention(dense)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = decoded(dense, ids)
+        attn = dense.transformer.h[0].attn
+        fused_before = attn._fused[0]
+        with torch.no_grad():
+            attn.q_proj.weight.mul_(2)  # in place: the stacked weight is the same memory
+        doubled = decoded(dense, ids)
+        dense.double().float()  # every weight replaced
+        assert torch.equal(decoded(dense, ids), doubled)
+    assert attn._fused[0] is not fused_before, "new weights, a new fused projection"
+    assert not torch.equal(doubled, expected), "an in-place change reaches the fused projection"
+    mixed = copy.deepcopy(model).transformer.h[0].attn
+    mixed.k_proj = torch.nn.Linear(model.config.n_embd, model.config.n_embd, bias=True)
+    assert fuse((mixed.q_proj, mixed.k_proj, mixed.v_proj)) is None
