@@ -26,7 +26,7 @@ class CachedAttention(Attention):
         if (input_pos is None or probs_out is not None or x.shape[:2] != (1, 1) or x.dtype != torch.float32
                 or x.device.type != "cpu" or cache.static):
             return super().forward(x, cos, sin, probs_out, input_pos)
-        q, k, v = self._project(x.view(1, -1)).view(3, self.n_head, self.head_dim).unbind(0)
+        q, k, v = self._project(x.reshape(1, -1)).view(3, self.n_head, self.head_dim).unbind(0)
         y = moe_gemv.attend_one(q, k, v, cos[0], sin[0], cache.k[0], cache.v[0], int(input_pos[0]))
         return self.out_proj(y.view(1, 1, -1))
 
