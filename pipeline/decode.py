@@ -70,7 +70,8 @@ def fuse(parts) -> callable | None:
     if kinds == {Int8Linear}:
         q_weight, scale = torch.cat([p.q_weight for p in parts]), torch.cat([p.scale for p in parts])
         for p, q, s in zip(parts, q_weight.split(rows), scale.split(rows)):
-            p.q_weight, p.scale, p._held_call, p._packed = q, s, None, None
+            # the C call held the old tensors alive; fbgemm's packed copy holds the same values: kept
+            p.q_weight, p.scale, p._held_call = q, s, None
         one = Int8Linear(q_weight, scale, None)
         one.gemv_rows = min(p.gemv_rows for p in parts)  # one token: the C path wherever every part took it
         return one
