@@ -3,6 +3,7 @@ speed, measured in one run, with plots of the training curves, activation sparsi
 coverage, perplexity against size and fidelity."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from pipeline.evaluate import NEW_TOKENS as GREEDY_TOKENS, PROMPTS as GREEDY_PRO
 PREFILL_TOKENS = (16, 128)  # prompt lengths whose prefill is timed
 DECODE_CONTEXT, DECODE_TOKENS = 128, 16  # batch-1 decoding: this many tokens after a prompt this long
 SPEEDS = tuple(f"prefill_{n}" for n in PREFILL_TOKENS) + ("decode",)
+# past this spread of a ratio's per-round values ((max - min) / median), machine noise, not the model, decides it
+SPREAD_MARGIN = 0.25
+UNSTEADY_MARK = "\u2020"  # the report's mark on such a ratio
+
+
+def per_second(tokens: float, seconds: float) -> float:
+    """``tokens`` over ``seconds``: a zero, negative or non-finite time is an error, never an inf or NaN figure."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"a timed call took {seconds!r} s: tokens per second need a positive, finite time")
+    return tokens / seconds
 
 
 def decode_seconds(model, prompt: torch.Tensor, steps: int) -> float:
@@ -29,12 +40,13 @@ def decode_seconds(model, prompt: torch.Tensor, steps: int) -> float:
 
 
 @torch.no_grad()
-def serving_speed(models: dict, vocab: int, rounds: int = 7, calls: int = 3, seed: int = 0) -> dict[str, dict]:
-    """CPU tokens per second of every model as served: the prefill of one prompt of each length
+def serving_rounds(models: dict, vocab: int, rounds: int = 7, calls: int = 3, seed: int = 0) -> dict[str, dict]:
+    """CPU tokens per second of every model as served, per round: the prefill of one prompt of each length
     in ``PREFILL_TOKENS``, and batch-1 decoding with the KV cache (``DECODE_TOKENS`` tokens after
     a ``DECODE_CONTEXT``-token prompt, shortened to fit n_positions), every model's attention steps
     in C where the kernels exist (``pipeline.decode``). The models take turns within
-    every round (so machine noise hits all alike); each figure is the median over rounds."""
+    every round (so machine noise hits all alike); ``{name: {kind: [tokens/s of each round]}}``,
+    the warm-up round left out, so that a caller can pair the models' figures round by round."""
     for model in models.values():  # every model decodes on the same attention path
         use_c_attention(model)
     gen = torch.Generator().manual_seed(seed)
@@ -49,9 +61,56 @@ def serving_speed(models: dict, vocab: int, rounds: int = 7, calls: int = 3, see
                 start = time.perf_counter()
                 for _ in range(calls):
                     model(ids)
-                times[name][f"prefill_{n}"].append(ids.shape[1] * calls / (time.perf_counter() - start))
-            times[name]["decode"].append(1.0 / decode_seconds(model, context_ids, DECODE_TOKENS))
-    return {name: {k: float(np.median(v[1:])) for k, v in per.items()} for name, per in times.items()}
+                times[name][f"prefill_{n}"].append(per_second(ids.shape[1] * calls, time.perf_counter() - start))
+            times[name]["decode"].append(per_second(1, decode_seconds(model, context_ids, DECODE_TOKENS)))
+    return {name: {k: v[1:] for k, v in per.items()} for name, per in times.items()}
+
+
+def serving_speed(models: dict, vocab: int, rounds: int = 7, calls: int = 3, seed: int = 0) -> dict[str, dict]:
+    """``serving_rounds``'s figures as each model's median over the rounds: ``{name: {kind: tokens/s}}``."""
+    per_round = serving_rounds(models, vocab, rounds=rounds, calls=calls, seed=seed)
+    return {name: {k: float(np.median(v)) for k, v in per.items()} for name, per in per_round.items()}
+
+
+def _rates(values, what: str) -> np.ndarray:
+    rates = np.asarray(values, dtype=np.float64)
+    if rates.size == 0 or not (np.all(np.isfinite(rates)) and np.all(rates > 0)):
+        raise ValueError(f"{what}: per-round tokens per second must be positive and finite, got {list(values)}")
+    return rates
+
+
+def paired_figures(rates, teacher_rates, margin: float = SPREAD_MARGIN) -> dict:
+    """A row's speed figures from its tokens per second in each round and the teacher's in the same
+    rounds of the same pairing: both medians, the median of the per-round ratios (row / teacher),
+    their [min, max], and whether (max - min) / median exceeds ``margin`` (unsteady)."""
+    rates, teacher_rates = _rates(rates, "the row"), _rates(teacher_rates, "the teacher")
+    if rates.shape != teacher_rates.shape:
+        raise ValueError(f"{rates.size} rounds of the row against {teacher_rates.size} of the teacher: rounds must pair")
+    ratios = rates / teacher_rates
+    ratio, low, high = float(np.median(ratios)), float(ratios.min()), float(ratios.max())
+    return {"tokens_per_s": round(float(np.median(rates)), 1),
+            "teacher_tokens_per_s": round(float(np.median(teacher_rates)), 1),
+            "speed_ratio": round(ratio, 3), "ratio_range": [round(low, 3), round(high, 3)],
+            "unsteady": bool((high - low) / ratio > margin)}
+
+
+def alone_figures(rates, margin: float = SPREAD_MARGIN) -> dict:
+    """The teacher's own figures, timed alone: ratio 1 by definition, its range and steadiness
+    those of its rounds about their median."""
+    median = float(np.median(_rates(rates, "the teacher")))
+    return {**paired_figures(rates, [median] * len(rates), margin), "speed_ratio": 1.0}
+
+
+def speed_figures(teacher, name: str, model, vocab: int, rounds: int) -> dict:
+    """``{kind}_{figure}`` of ``paired_figures`` for every kind in ``SPEEDS``: the model measured in
+    turns with the teacher, or the teacher alone (``alone_figures``)."""
+    if model is teacher:
+        per = serving_rounds({"teacher": teacher}, vocab, rounds=rounds)["teacher"]
+        figures = {k: alone_figures(per[k]) for k in SPEEDS}
+    else:
+        per = serving_rounds({"teacher": teacher, name: model}, vocab, rounds=rounds)
+        figures = {k: paired_figures(per[name][k], per["teacher"][k]) for k in SPEEDS}
+    return {f"{k}_{key}": value for k, f in figures.items() for key, value in f.items()}
 
 
 FIDELITY = ("kl", "top1_agreement", "greedy_agreement")  # against the teacher (pipeline.evaluate.run_jobs)
@@ -60,7 +119,7 @@ FIDELITY = ("kl", "top1_agreement", "greedy_agreement")  # against the teacher (
 def measure_rows(teacher, rows, evaluations: dict[str, dict], vocab: int, rounds: int) -> list[dict]:
     """Per row ``(name, job, bytes, what)`` (the first row is the teacher's): its perplexity and
     fidelity to the teacher (from ``evaluations``), and its serving speed measured in turns with
-    the teacher's (``serving_speed`` on the pair). One variant is
+    the teacher's, with the teacher's in that same pairing (``speed_figures``). One variant is
     loaded (``pipeline.evaluate.load_job_model``) at a time and freed before the next, so that no
     more than two models, the teacher and it, are ever held."""
     import gc
@@ -72,13 +131,9 @@ def measure_rows(teacher, rows, evaluations: dict[str, dict], vocab: int, rounds
         model = teacher if name == "teacher" else load_job_model(spec)
         result = {"name": name, "perplexity": round(evaluations[name]["perplexity"], 4), "bytes": nbytes, "what": what,
                   **{k: round(evaluations[name][k], 5) for k in FIDELITY if k in evaluations[name]}}
-        pair = {"teacher": teacher} if model is teacher else {"teacher": teacher, name: model}
-        speed = serving_speed(pair, vocab, rounds=rounds)
-        for k in SPEEDS:
-            result[f"{k}_tokens_per_s"] = round(speed[name][k], 1)
-            result[f"{k}_speed_ratio"] = round(speed[name][k] / speed["teacher"][k], 3)
+        result.update(speed_figures(teacher, name, model, vocab, rounds))
         results.append(result)
-        del model, pair
+        del model
         gc.collect()
     return results
 
@@ -217,6 +272,28 @@ def harness_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def speed_cells(r: dict, k: str) -> str:
+    """A row's tokens/s of speed kind ``k``, the teacher's in the same pairing, and the ratio with the
+    range of its per-round values, marked when unsteady: ``1180 | 1100 | 1.07x (0.41-1.52)†``."""
+    low, high = r[f"{k}_ratio_range"]
+    mark = UNSTEADY_MARK if r[f"{k}_unsteady"] else ""
+    return (f"{r[f'{k}_tokens_per_s']:.0f} | {r[f'{k}_teacher_tokens_per_s']:.0f} | "
+            f"{r[f'{k}_speed_ratio']:.2f}x ({low:.2f}-{high:.2f}){mark}")
+
+
+def speed_table(rows: list[dict]) -> list[str]:
+    """Per row its file size and, per kind in ``SPEEDS``, its ``speed_cells``; the mark explained below."""
+    lines = ["| model | file size | vs teacher | "
+             + " | ".join(f"{k.replace('_', ' ')} tok/s | teacher tok/s | vs teacher" for k in SPEEDS) + " |",
+             "|---" * (3 + 3 * len(SPEEDS)) + "|"]
+    for r in rows:
+        speeds = " | ".join(speed_cells(r, k) for k in SPEEDS)
+        lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.3f}x | {speeds} |")
+    return lines + ["", f"{UNSTEADY_MARK} marks a ratio whose per-round values spread (highest minus lowest) by "
+                        f"more than {SPREAD_MARGIN:.0%} of their median: the machine's noise was too large for it "
+                        f"to be trusted."]
+
+
 def write_markdown(metrics: dict, out: Path, title: str) -> None:
     rows, control = metrics["rows"], metrics["control"]
     lines = [f"# {title}", "",
@@ -236,13 +313,11 @@ def write_markdown(metrics: dict, out: Path, title: str) -> None:
     lines += ["", f"Size and serving speed on the CPU, {metrics['threads']} torch threads: tokens per second of the "
               f"prefill of a {PREFILL_TOKENS[0]}- and a {PREFILL_TOKENS[1]}-token prompt, and of batch-1 decoding "
               f"with the KV cache ({DECODE_TOKENS} tokens after a {DECODE_CONTEXT}-token prompt); each model "
-              f"measured in turns with the teacher (median of {metrics['rounds']} rounds; one variant held at a "
-              f"time). Ratios are to the teacher.", "",
-              "| model | file size | vs teacher | prefill 16 tok/s | vs teacher | prefill 128 tok/s | vs teacher | "
-              "decode tok/s | vs teacher |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        speeds = " | ".join(f"{r[f'{k}_tokens_per_s']:.0f} | {r[f'{k}_speed_ratio']:.2f}x" for k in SPEEDS)
-        lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.3f}x | {speeds} |")
+              f"measured in turns with the teacher over {metrics['rounds']} rounds, one variant held at a time. "
+              f"**teacher tok/s** is the teacher's median in that same pairing, and **vs teacher** the median over "
+              f"the rounds of the row's speed over the teacher's in the same round, with the lowest and highest "
+              f"of those per-round ratios in brackets. The teacher's own row is the teacher timed alone: ratio 1, "
+              f"the brackets its rounds' spread about their median.", "", *speed_table(rows)]
     lines += harness_table(rows)
     lines += [""] + [f"- **{r['name']}**: {r['what']}" for r in rows] + [""]
     lines += [f"![{caption}]({name})" for name, caption in PLOTS.items()] + [""]
