@@ -25,8 +25,10 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -40,6 +42,10 @@ ROOT_ENV = "PIPELINE_ARTIFACTS"
 MANIFEST = "manifest.json"
 RESUME_DIR = "resume"
 BROKEN_PREFIX = ".broken-"
+SCRATCH_PREFIX, LOCK_PREFIX = ".scratch-", ".lock-"
+# the store's mark on every directory it creates (a build's scratch, which becomes the published
+# version and maybe a .broken- copy): gc removes only what holds it, never a user's files
+MARKER = ".pipeline-store.json"
 CRASH_ENV = "PIPELINE_CRASH_AT"  # fault injection for the crash tests: a publish step's name
 LIBRARIES = ("torch", "numpy", "luigi", "h5py", "scikit-learn", "safetensors", "tokenizers")
 
@@ -208,7 +214,7 @@ class Artifact:
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.get("version")
 
     @property
     def metrics(self) -> dict:
@@ -336,7 +342,8 @@ class Store:
             for child in d.iterdir():
                 if not child.name.startswith(".") and child.is_dir():
                     with contextlib.suppress(CorruptArtifact):
-                        if (a := self.get(stage, child.name)) is not None:
+                        a = self.get(stage, child.name)
+                        if a is not None and (a.manifest.get("stage"), a.version) == (stage, child.name):
                             out.append(a)
         return sorted(out, key=lambda a: a.manifest.get("created", ""))
 
@@ -394,6 +401,16 @@ class Store:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if self.root.is_dir() else []
 
+    def scratch_dir(self, stage: str, version: str) -> Path:
+        return self.stage_dir(stage) / f"{SCRATCH_PREFIX}{version}"
+
+    def partial(self, stage: str, version: str) -> Path | None:
+        """The resume directory of an unfinished build of the version that holds progress (a rerun
+        continues from it), or None."""
+        scratch = self.scratch_dir(stage, version)
+        build = Build(scratch)
+        return build.resume_dir if store_wrote(scratch, stage) and build.resumable else None
+
     @contextlib.contextmanager
     def publishing(self, spec: StageSpec, wait: bool = True):
         """Build ``spec`` in its scratch directory and publish it on success.
@@ -414,6 +431,7 @@ class Store:
             if scratch.exists() and not build.resumable:  # what a killed run left half-written
                 shutil.rmtree(scratch)
             scratch.mkdir(exist_ok=True)
+            _write_json_durably(scratch / MARKER, {"stage": spec.stage, "version": spec.version})
             start = time.time()
             try:
                 yield build
@@ -446,7 +464,7 @@ class Store:
 
     def _finish(self, spec: StageSpec, build: Build) -> None:
         paths = [p for p in sorted(build.path.rglob("*"))
-                 if p.is_file() and p.relative_to(build.path).parts[0] != RESUME_DIR]
+                 if p.is_file() and p.relative_to(build.path).parts[0] not in (RESUME_DIR, MARKER)]
         # fsync: the manifest must never outlive its payload on a power cut
         files = {str(p.relative_to(build.path)): {"bytes": p.stat().st_size, "sha256": digest}
                  for p, digest in zip(paths, _hash_files(paths, fsync=True))}
@@ -465,6 +483,10 @@ class Store:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
             **build.extra,
         }
+        if (bad := non_finite(manifest)) is not None:
+            raise ValueError(f"{spec.stage}: {bad[0]} is {bad[1]}, not a finite number; the stage failed and "
+                             f"nothing was published (a non-finite result means the model or its inputs hold "
+                             f"NaN or infinite values)")
         _crash_point("before-manifest")
         _write_json_durably(build.path / MANIFEST, manifest)
         _fsync(build.path)
@@ -479,6 +501,31 @@ class Store:
         with self._verified() as cache:
             for name, info in files.items():
                 cache[str(final / name)] = [_stamp(final / name), info["sha256"]]
+
+
+_VERSION = re.compile(r"[0-9a-f]{16}")
+_BROKEN = re.compile(r"\.broken-([0-9a-f]{16})-[0-9]{8}T[0-9]{12}")
+
+
+def store_wrote(path: Path, stage: str) -> bool:
+    """Whether ``path``, an entry of the stage directory ``stage``, is the store's own: a version's
+    lock file, or a directory holding the store's marker (or, for a version published before
+    markers existed, a manifest) that names this stage and the version its name carries."""
+    name = path.name
+    if name.startswith(LOCK_PREFIX):
+        return path.is_file() and _VERSION.fullmatch(name.removeprefix(LOCK_PREFIX)) is not None
+    broken_name = _BROKEN.fullmatch(name)
+    version = broken_name.group(1) if broken_name else name.removeprefix(SCRATCH_PREFIX)
+    if not path.is_dir() or _VERSION.fullmatch(version) is None:
+        return False
+    for record in (MARKER, *(() if name.startswith(SCRATCH_PREFIX) else (MANIFEST,))):
+        try:
+            found = json.loads((path / record).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict) and found.get("stage") == stage and found.get("version") == version:
+            return True
+    return False
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -513,11 +560,22 @@ def _crash_point(name: str) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def non_finite(obj, where: str = "") -> tuple[str, float] | None:
+    """(the dotted key, the value) of the first NaN or infinite number in a JSON-like ``obj``, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the value", obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        if (found := non_finite(value, f"{where}.{key}" if where else str(key))) is not None:
+            return found
+    return None
+
+
 def _write_json_durably(path: Path, obj, unique_tmp: bool = False) -> None:
     # unique_tmp: for files several processes may rewrite at once (caches)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp") if unique_tmp else path.with_suffix(".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)  # NaN is not JSON
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

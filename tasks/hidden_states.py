@@ -27,6 +27,11 @@ class HiddenStates(Stage):
                 "seq_len": self.seq_len, "part_tokens": self.part_tokens,
                 "world_size": settings.world_size()}
 
+    @classmethod
+    def progress(cls, resume, params: dict) -> str:
+        shards = len(list(resume.parent.glob("shard-*.h5")))  # complete shards; a partial one is .partial
+        return f"partial: resumable with {shards} shard(s) of {params['part_tokens']} tokens written"
+
     def check_inputs(self, inputs) -> None:
         from pipeline.data import budget_split
 

@@ -133,6 +133,15 @@ class Stage(luigi.Task):
         return {}
 
     @classmethod
+    def progress(cls, resume: Path, params: dict) -> str:
+        """What the resume directory of an unfinished build of a version with ``params`` holds, in
+        words (``make status``)."""
+        layers = len(list(resume.rglob("layer_*.safetensors")))
+        if layers:
+            return f"partial: resumable with {layers} layer(s) done"
+        return f"partial: resumable from {sum(1 for p in resume.rglob('*') if p.is_file())} file(s) of progress"
+
+    @classmethod
     def lineage(cls, params: dict) -> dict:
         """Of a version's parameters, those that say which model it belongs to (BaseModel's preset
         or checkpoint): gc keeps the newest version of each instance for every model ever built."""

@@ -1,5 +1,6 @@
-"""``python -m tasks.status [--json] [luigi overrides]``: is every stage of the current graph
-up to date, and if not, why.
+"""``python -m tasks.status [--json] [--paths] [luigi overrides]``: is every stage of the current
+graph up to date (``up-to-date``, ``partial``: an unfinished build holds resumable progress,
+``stale``, ``missing`` or ``broken``), and if not, why.
 
 The current graph comes from the Luigi tasks (luigi.cfg and the same ``--Task-param`` overrides
 the ``luigi`` command takes); this module only compares it with the store.
@@ -70,16 +71,23 @@ def open_store() -> Store:
 def stage_status(spec: StageSpec, store: Store, full: bool = False) -> dict:
     """up-to-date, broken (published, but a file no longer matches its manifest), stale or missing.
     Files unchanged since they were last verified are not reread unless ``full``."""
-    entry = {"stage": spec.stage, "version": spec.version, "state": "up-to-date", "reasons": []}
+    entry = {"stage": spec.stage, "version": spec.version, "state": "up-to-date", "reasons": [],
+             "path": str(store.version_dir(spec.stage, spec.version))}
     try:
         if (artifact := store.get(spec.stage, spec.version)) is not None:
             store.verify(artifact, full=full)
             return entry
     except CorruptArtifact as e:
         return {**entry, "state": "broken", "reasons": [str(e)]}
+    if (resume := store.partial(spec.stage, spec.version)) is not None:
+        progress = stage_classes()[spec.stage].progress(resume, spec.params)
+        return {**entry, "state": "partial", "path": str(resume.parent),
+                "reasons": [f"{progress}: an unfinished build left it in {resume.parent} (the same run command "
+                            f"continues it)"]}
     # a stage with several instances in the graph (FinalCompressed variants): compare like with like
     instance = stage_classes()[spec.stage].instance
     published = [a for a in store.versions(spec.stage) if instance(a.manifest["params"]) == instance(spec.params)]
+    entry["path"] = None
     if not published:
         return {**entry, "state": "missing", "reasons": ["never built"]}
     same_params = [a for a in published if a.manifest.get("params") == spec.params]
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tasks.status", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON object per stage")
     p.add_argument("--verify", action="store_true", help="rehash every file, even those unchanged since last verified")
+    p.add_argument("--paths", action="store_true", help="show where each stage's artifact (or unfinished build) lies")
     args, specs = parse_graph_command(p, argv)
     store = open_store()
     entries = [stage_status(s, store, args.verify) for s in specs]
@@ -122,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"artifacts: {store.root}")
     for e, spec in zip(entries, specs):
         print(f"{e['stage']:<16} {e['state']:<11} {e['version']}  {instance_label(spec, specs)}".rstrip())
+        if args.paths and e["path"]:
+            print(f"{'':<16} at {e['path']}")
         for reason in e["reasons"]:
             print(f"{'':<16} - {reason}")
     return code

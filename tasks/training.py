@@ -30,6 +30,16 @@ class TrainingStage(Stage):
 
     ENTRY = "pipeline.train"
 
+    @classmethod
+    def progress(cls, resume, params: dict) -> str:
+        from pipeline.train import CHECKPOINT
+
+        try:
+            step = json.loads((resume / CHECKPOINT).read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return super().progress(resume, params)
+        return f"partial: resumable from step {step} of {params.get('steps', '?')}"
+
     def unused_params(self) -> set[str]:
         """Names in ``TRAINING`` that cannot change this run's output under its other settings:
         neither passed to training nor in the version."""
