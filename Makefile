@@ -31,7 +31,6 @@ moefy: setup
 # `make compress`: ... -> PruningMasks -> FinalCompressed (and its single-method variants) -> Report
 compress: setup
 	$(PY) -m tasks.plan --check --target Report $(OVERRIDES)
-	$(LUIGI) FinalCompressed $(OVERRIDES)
 	$(LUIGI) Report $(OVERRIDES)
 
 # what `make compress` would run: memory on the host and per rank, disk, FLOPs and time (TFLOPS= per GPU)

@@ -435,12 +435,12 @@ class Store:
             start = time.time()
             try:
                 yield build
+                build.timings["total"] = round(time.time() - start, 3)
+                self._finish(spec, build)
             except BaseException:
-                if not build.resumable:
+                if not build.resumable and scratch.exists():
                     shutil.rmtree(scratch, ignore_errors=True)
                 raise
-            build.timings["total"] = round(time.time() - start, 3)
-            self._finish(spec, build)
 
     def _recover(self, spec: StageSpec, scratch: Path) -> bool:
         """Publish a scratch directory whose build finished (its manifest written and every file

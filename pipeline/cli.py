@@ -27,7 +27,7 @@ def run(main: Callable[[], int]) -> NoReturn:
         sys.stdout.flush()
     except UsageError as e:
         print(e.message, file=sys.stderr, flush=True)
-        code = 2
+        code = e.code
     except BrokenPipeError:  # the reader went away (``make status | head``): what it wanted was printed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
         code = 0

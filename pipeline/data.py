@@ -189,14 +189,16 @@ def tokenize_to_npy(tokenizer, files: list[Path], out: Path, max_bytes: int = 0,
     return n
 
 
-def budget_split(token_budget: int, heldout_fraction: float, sizes: dict[str, int]) -> dict[str, int]:
+def budget_split(token_budget: int, heldout_fraction: float, sizes: dict[str, int],
+                 at_most: bool = False) -> dict[str, int]:
     """The tokens a budget takes from each split ({"train": n, "valid": n}), refused when a split
-    of ``sizes`` (its token count) holds fewer."""
+    of ``sizes`` (its token count; with ``at_most``, an upper bound of it) holds fewer."""
     heldout = int(round(token_budget * heldout_fraction))
     need = {"train": token_budget - heldout, "valid": heldout}
     for name, n in need.items():
         if n > sizes[name] - 1:
-            raise ValueError(f"token budget: {n} tokens asked of the {name} split, which holds {sizes[name]}; "
+            holds = f"at most {sizes[name]} (a token per byte of its text)" if at_most else sizes[name]
+            raise ValueError(f"token budget: {n} tokens asked of the {name} split, which holds {holds}; "
                              f"lower token_budget or heldout_fraction")
     return need
 

@@ -247,6 +247,28 @@ def as_trained(path: str, moe_topk: int | None = None, int8: bool = False):
     return model.eval()
 
 
+class NonFiniteTraining(UsageError):
+    """A training step whose loss or gradient norm is NaN or infinite: the run stops before the update."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 1
+
+
+def check_finite(step: int, loss: float, grad_norm: float | None, resume: Path) -> None:
+    """Stop the run, on every rank alike, before a non-finite loss or gradient norm reaches the weights."""
+    what = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm) \
+        if grad_norm is not None and not math.isfinite(grad_norm) else None
+    if what is None:
+        return
+    saved = sorted(resume.glob("step-*"))
+    kept = f"the last resume point, {saved[-1]}, is kept" if saved else "no resume point was saved before it"
+    raise NonFiniteTraining(
+        f"training stopped at step {step}: its {what[0]} is {what[1]}, not a finite number, so the weights were "
+        f"not updated and {kept}; try a lower start_lr or a longer warmup, precision fp32, or check the input "
+        f"weights and data for NaN or infinite values")
+
+
 def save_checkpoint(resume: Path, trained, optimizer, step: int, log: list, rank: int) -> None:
     """A resumable checkpoint with torch.distributed.checkpoint: each rank writes its own shard of
     the model and optimizer state (under FSDP2 no rank gathers them), into ``step-<n>/``; rank 0
@@ -392,15 +414,17 @@ def run(args, config: GPTJConfig, int8: bool, weights: dict, teacher_cfg, rank: 
             for name, value in terms.items():  # each term unscaled, as the plots compare them
                 parts[name] = parts.get(name, 0.0) + value.detach().float() / args.grad_accum
         scaler.unscale_(optimizer)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # max_norm inf: the norm without clipping (the gradients multiplied by exactly 1)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
         summed = torch.stack([total.float(), *parts.values()])
         if world > 1:
             dist.all_reduce(summed)
             summed /= world
+        # fp16's loss scaler skips a step whose gradients overflowed; anywhere else it is fatal
+        check_finite(step + 1, summed[0].item(), None if scaler.is_enabled() else norm.item(), resume)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
         total, values = summed[0], summed[1:].tolist()
         log.append([step, round(total.item(), 6), {n: round(v, 6) for n, v in zip(parts, values)}])

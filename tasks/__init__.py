@@ -1,7 +1,8 @@
 """Luigi tasks, one module per stage: ``luigi --module tasks BaseModel``."""
 import luigi
 
-from tasks.stage import Stage, check_config, pipeline_settings
+from tasks.config import check_config
+from tasks.stage import Stage, pipeline_settings
 from tasks.corpus import Corpus
 from tasks.base_model import BaseModel
 from tasks.relu_model import ReluModel

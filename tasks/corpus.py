@@ -47,6 +47,17 @@ class Corpus(Stage):
             params["vocab_size"] = get_preset(pipeline_settings().model).vocab_size
         return params
 
+    def token_bounds(self) -> dict[str, int]:
+        """At most how many tokens each split will hold, from its files' sizes before any is read:
+        a token per byte of text (byte-level BPE, or a tokenizer falling back to bytes), and one
+        more per file."""
+        root, files = data.discover(self.files)
+        bounds = {}
+        for name, split in zip(("train", "valid"), data.split(root, files, self.valid_fraction)):
+            size = sum(p.stat().st_size for p in split)
+            bounds[name] = (min(size, self.max_bytes) if self.max_bytes else size) + len(split)
+        return bounds
+
     def needs(self):
         from pipeline.resources import PYTHON_BYTES, Needs
 

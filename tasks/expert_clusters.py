@@ -3,18 +3,17 @@ by balanced k-means, on the rows of ``fc_in`` (parameter clustering) or on which
 make each neuron fire (co-activation); a random split is the paper's baseline."""
 from __future__ import annotations
 
-import luigi
 
 from tasks.hidden_states import HiddenStates
 from tasks.relu_model import ReluModel
-from tasks.params import Choice, Count
+from tasks.params import Choice, Count, Int
 from tasks.stage import Stage, layer_work_needs, pipeline_settings
 
 
 class ExpertClusters(Stage):
     num_expert = Count(description="experts per FFN layer (must divide d_ff)")
     method = Choice(choices=("balanced_kmeans", "coactivation", "random"))
-    seed = luigi.IntParameter()
+    seed = Int()
     iterations = Count(description="k-means iterations")
     sample_tokens = Count(description="coactivation: training tokens per neuron profile")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 
-import luigi
 
 from tasks.base_model import BaseModel, recorded_perplexity
 from tasks.corpus import Corpus
@@ -20,7 +19,7 @@ from tasks.ranks import evaluate
 from tasks.pruning_masks import PruningMasks
 from tasks.relu_model import ReluModel
 from tasks.routers import Routers
-from tasks.params import Choice
+from tasks.params import Choice, Flag
 from tasks.stage import pipeline_settings
 from tasks.training import DistillingStage, train_model_name, unused_distill_params
 
@@ -28,7 +27,7 @@ TOGGLES = ("int8", "pruning", "moe", "distill")
 
 
 def toggle(description: str):
-    return luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING, description=description)
+    return Flag(description=description)
 
 
 class FinalCompressed(DistillingStage):

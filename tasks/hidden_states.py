@@ -12,7 +12,7 @@ from tasks.stage import Stage, pipeline_settings, run_logged
 class HiddenStates(Stage):
     ENTRY = "pipeline.moefication.hidden"
     token_budget = Count(at_least="seq_len", description="tokens to run through the model")
-    heldout_fraction = Number(at_least=0, below=1, description="share of the budget taken from the valid split")
+    heldout_fraction = Number(above=0, below=1, description="share of the budget taken from the valid split")
     seq_len = SeqLen()
     batch_size = Count(description="windows per forward")
     part_tokens = Count(at_least="seq_len", description="tokens per shard file: a crash recomputes at most one "
@@ -35,8 +35,16 @@ class HiddenStates(Stage):
     def check_inputs(self, inputs) -> None:
         from pipeline.data import budget_split
 
+        heldout = round(self.token_budget * self.heldout_fraction)
+        if heldout < self.seq_len:
+            raise ValueError(f"HiddenStates heldout_fraction is {self.heldout_fraction}: it holds out {heldout} of the "
+                             f"{self.token_budget}-token budget, fewer than one window of seq_len {self.seq_len} (the "
+                             f"routers are measured on held-out tokens); expected at least "
+                             f"{self.seq_len / self.token_budget:.4g}")
         if "Corpus" in inputs:  # the corpus holds the budget?
             budget_split(self.token_budget, self.heldout_fraction, split_tokens(inputs["Corpus"]))
+        else:  # before the Corpus is built: what its files can hold at most
+            budget_split(self.token_budget, self.heldout_fraction, Corpus().token_bounds(), at_most=True)
 
     def needs(self):
         from pipeline.resources import Needs

@@ -6,12 +6,67 @@ Luigi's own ``ChoiceParameter`` refuses a bad value while it parses the command 
 Luigi only reports "Uncaught exception"; ``Choice`` leaves the refusal to the stage."""
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 import luigi
 
 
-class Count(luigi.IntParameter):
+class Typed:
+    """A parameter whose value from the command line is checked as Luigi's parser reads it: a
+    value of the wrong type is one sentence naming the flag, the value and the type, and exit
+    status 2 (Luigi would fail later with "Uncaught exception" and no name)."""
+
+    kind = "a valid value"
+
+    def _parser_kwargs(self, param_name, task_name=None):
+        kwargs = super()._parser_kwargs(param_name, task_name)
+        flag = "--" + (f"{task_name}_{param_name}" if task_name else param_name).replace("_", "-")
+
+        def checked(raw: str) -> str:
+            try:
+                self.parse(raw)
+            except (ValueError, TypeError):
+                print(f"error: {flag} is {raw!r}, expected {self.kind}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+            return raw  # Luigi parses it itself
+
+        kwargs["type"] = checked
+        return kwargs
+
+
+class Int(Typed, luigi.IntParameter):
+    kind = "an integer"
+
+
+class Real(Typed, luigi.FloatParameter):
+    """A finite real number (NaN and infinities are refused like any other bad value)."""
+
+    kind = "a finite number"
+
+    def parse(self, s):
+        value = super().parse(s)
+        if not math.isfinite(value):
+            raise ValueError(f"{s!r} is not a finite number")
+        return value
+
+
+class Flag(Typed, luigi.BoolParameter):
+    """true or false, given after the flag (``--FinalCompressed-int8 false``)."""
+
+    kind = "true or false"
+
+    def __init__(self, **kwargs):
+        super().__init__(parsing=luigi.BoolParameter.EXPLICIT_PARSING, **kwargs)
+
+    def parse(self, val):
+        if isinstance(val, str) and val.lower() not in ("true", "false"):
+            raise ValueError(f"{val!r} is not true or false")
+        return super().parse(val)
+
+
+class Count(Int):
     """A whole number of at least ``minimum``; ``zero`` says what 0 means where 0 is also accepted
     ("all", "never"); ``at_least`` names another parameter of the task that a non-zero value must
     reach (a token count of at least ``seq_len``)."""
@@ -42,7 +97,7 @@ class SeqLen(Count):
         return f"expected a positive integer of at most the model's n_positions {limit}"
 
 
-class Number(luigi.FloatParameter):
+class Number(Real):
     """A real number within bounds: ``above`` / ``below`` exclude the bound, ``at_least`` /
     ``at_most`` include it."""
 

@@ -2,19 +2,17 @@
 masks searched in the experts' neuron order, or the base model when MoEfication is off)."""
 from __future__ import annotations
 
-import luigi
 
 from tasks.base_model import BaseModel
 from tasks.expert_clusters import ExpertClusters
 from tasks.relu_model import ReluModel
-from tasks.params import Choice
+from tasks.params import Choice, Flag
 from tasks.stage import Stage, pipeline_settings
 
 
 class PruningMasks(Stage):
     prune_func = Choice(choices=("m4n2_1d", "m4n2_2d_greedy", "m4n2_2d_best"))
-    moefication = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                      description="true: masks for the ReLU model in expert order; false: the base model")
+    moefication = Flag(description="true: masks for the ReLU model in expert order; false: the base model")
 
     @classmethod
     def instance(cls, params: dict) -> dict:

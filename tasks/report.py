@@ -63,6 +63,9 @@ class Report(Stage):
                           harness_files={str(p.relative_to(self.harness_include)): sha256_file(p) for p in files})
         return params
 
+    def result_path(self):
+        return super().result_path() / "report.md"
+
     def harness_names(self) -> list[str]:
         return [n.strip() for n in self.harness_tasks.split(",") if n.strip()]
 

@@ -9,7 +9,7 @@ import luigi
 from tasks.expert_clusters import ExpertClusters
 from tasks.hidden_states import HiddenStates
 from tasks.relu_model import ReluModel
-from tasks.params import Count, Number
+from tasks.params import Count, Int, Number
 from tasks.stage import Stage, layer_work_needs, pipeline_settings
 
 
@@ -18,7 +18,7 @@ class Routers(Stage):
     epochs = Count(description="passes over the training hidden states")
     batch_size = Count(description="tokens per router training step")
     lr = Number(above=0)
-    seed = luigi.IntParameter()
+    seed = Int()
     # Moefied asks for a second set on the random split: the paper's baseline
     cluster_method = luigi.Parameter(description="ExpertClusters method; empty: as configured")
 

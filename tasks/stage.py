@@ -5,6 +5,7 @@ class turns that into a version, a Luigi output and an atomic publish.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -17,7 +18,7 @@ import luigi
 
 from pipeline import processes, resources
 from pipeline.artifacts import AlreadyPublished, Artifact, Build, CorruptArtifact, StageSpec, Store, code_files
-from tasks.params import Choice, problems
+from tasks.params import Int, problems
 
 logger = logging.getLogger("luigi-interface")
 PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "luigi.cfg"
@@ -45,10 +46,12 @@ class pipeline_settings(luigi.Config):
 
     model = luigi.Parameter(description="model preset (gpt-j, gpt-j-tiny, gpt-j-smoke)")
     checkpoint = luigi.Parameter(description="Hugging Face GPT-J directory to import instead of pretraining")
-    nproc_per_node = luigi.IntParameter(description="torchrun processes per node")
-    nnodes = luigi.IntParameter(description="torchrun nodes")
+    nproc_per_node = Int(description="torchrun processes per node")
+    nnodes = Int(description="torchrun nodes")
     rdzv_endpoint = luigi.Parameter(description="torchrun rendezvous host:port when nnodes > 1")
     precision = luigi.Parameter(description="training compute precision: auto, fp32, bf16 or fp16")
+    omp_spincount = Int(description="how long an idle OpenMP thread of a stage's ranks spins before it sleeps "
+                                    "(GOMP_SPINCOUNT; 0: at once)")
 
     def world_size(self) -> int:
         """nproc_per_node x nnodes, checked, so that a run torchrun cannot start (or would wait for
@@ -70,13 +73,23 @@ class pipeline_settings(luigi.Config):
         return checkpoint_config(self.checkpoint) if self.checkpoint else get_preset(self.model)
 
     def checkpoint_dir(self) -> Path | None:
-        """The checkpoint directory, validated (it exists and holds a GPT-J config and weights), or None."""
+        """The checkpoint directory, validated (it exists, holds a GPT-J config and every tensor it
+        asks for, in files that are whole), or None."""
         if not self.checkpoint:
             return None
-        from pipeline.models.config import checkpoint_config
+        path = Path(self.checkpoint)
+        _checked_checkpoint(path, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                        for p in sorted(path.iterdir()) if p.is_file()) if path.is_dir() else ())
+        return path.resolve()
 
-        checkpoint_config(self.checkpoint)
-        return Path(self.checkpoint).resolve()
+
+@functools.lru_cache(maxsize=None)
+def _checked_checkpoint(path: Path, stamp: tuple) -> None:
+    """The checkpoint's config, every tensor's name and shape and every weight file's length, from
+    the headers (once per process while its files are unchanged): refused before any stage runs."""
+    from pipeline.models.hf import check_checkpoint_files
+
+    check_checkpoint_files(path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,6 +226,10 @@ class Stage(luigi.Task):
                   flush=True)
             return False
 
+    def result_path(self) -> Path:
+        """What a person opens of this stage's artifact (``make compress`` ends by naming it)."""
+        return Store().version_dir(self.stage_name, self.version)
+
     def output(self):
         return luigi.LocalTarget(str(Store().manifest_path(self.stage_name, self.version)))
 
@@ -272,6 +289,7 @@ class Stage(luigi.Task):
         if store.get(self.stage_name, self.version) is not None:  # this run repaired what it was built from
             logger.info("%s %s: already published; its broken inputs were rebuilt", self.stage_name, self.version)
             return
+        self.check_run_inputs()
         inputs = self.open_inputs(store)
         self.check_inputs(inputs)
         needs = self.estimate()
@@ -285,6 +303,21 @@ class Stage(luigi.Task):
             return
         logger.info("%s %s: published with metrics %s", self.stage_name, self.version,
                     {k: v for k, v in build.metrics.items() if not isinstance(v, (list, dict))})
+
+    def check_run_inputs(self) -> None:
+        """Before this stage builds, every stage of the run checks the inputs published by now: the
+        Corpus's token counts reach the stages that depend on them before any training."""
+        from luigi.cmdline_parser import CmdlineParser
+
+        parser = CmdlineParser.get_instance()
+        root = parser.get_task_obj() if parser is not None else self
+        roots = [root] if isinstance(root, Stage) else [t for t in luigi.task.flatten(root.requires())
+                                                         if isinstance(t, Stage)]
+        for task in graph(roots or [self]):
+            try:
+                task.check_inputs(task._published_inputs(task.upstream()))
+            except ValueError as e:
+                raise ValueError(f"{task.stage_name} (checked before {self.stage_name} builds): {e}") from None
 
     def _build_logged(self, build: Build, inputs: dict[str, Artifact]) -> None:
         from pipeline.methods import DECLARED_ENV
@@ -339,6 +372,20 @@ def _report(task, exception) -> None:
 Stage.event_handler(luigi.Event.FAILURE)(_report)
 
 
+def _say_where(task) -> None:
+    """When the run's root stage is done (built now or already), its last line names the result."""
+    from luigi.cmdline_parser import CmdlineParser
+
+    parser = CmdlineParser.get_instance()
+    if parser is not None and parser.get_task_obj().task_id == task.task_id:
+        path = task.result_path()
+        atexit.register(lambda: print(f"{task.stage_name} is at {path}", flush=True))
+
+
+Stage.event_handler(luigi.Event.SUCCESS)(_say_where)
+Stage.event_handler(luigi.Event.DEPENDENCY_PRESENT)(_say_where)
+
+
 class CommandFailed(RuntimeError):
     """A stage's subprocess (torchrun) failed; the message holds the tail of its output, and
     ``output`` all of it."""
@@ -362,49 +409,19 @@ class _NoTracebackForExpectedFailures(logging.Filter):
 logger.addFilter(_NoTracebackForExpectedFailures())
 
 
-_KINDS = {luigi.IntParameter: "an integer", luigi.FloatParameter: "a number", luigi.BoolParameter: "true or false"}
-
-
-def check_config(classes) -> None:
-    """Exit with one sentence when the configuration holds a value of the wrong type for a
-    parameter of ``classes`` (Luigi would otherwise fail later with a bare ``int()`` error)."""
-    conf = luigi.configuration.get_config()
-    for cls in classes:
-        section = cls.get_task_family()
-        for name, param in cls.get_params():
-            if not conf.has_option(section, name):
-                continue
-            raw = conf.get(section, name)
-            try:
-                value = param.parse(raw)
-                problem = param.problem(None, value) if isinstance(param, Choice) else None
-                if problem:
-                    raise SystemExit(f"error: {_file_setting(conf, section, name, raw)} sets [{section}] {name} = "
-                                     f"{raw!r}; {problem}")
-            except (ValueError, TypeError):
-                kind = next((k for t, k in _KINDS.items() if isinstance(param, t)), "a valid value")
-                raise SystemExit(f"error: {_file_setting(conf, section, name, raw)} sets [{section}] {name} = {raw!r}; "
-                                 f"expected {kind}") from None
-
-
-def _file_setting(conf, section: str, name: str, raw: str) -> str:
-    """The configuration file that sets ``[section] name`` to ``raw`` (the last one Luigi read)."""
-    import configparser
-
-    for path in reversed(conf._config_paths):
-        parser = configparser.ConfigParser(interpolation=None)
-        if Path(path).is_file() and parser.read(path) and parser.get(section, name, fallback=None) == raw:
-            return str(path)
-    return "the Luigi configuration"
-
-
 def run_logged(cmd: list[str], log_path: Path) -> None:
     """Run ``cmd``, streaming its output to the console and to ``log_path``; raise with the tail of
     the output when it fails."""
     lines: list[str] = []
     logger.info("running: %s", " ".join(cmd))
+    spin = pipeline_settings().omp_spincount
+    if spin < 0:
+        raise ValueError(f"[pipeline] omp_spincount is {spin}, expected an integer >= 0")
+    # read when the ranks load OpenMP; a GOMP_SPINCOUNT or OMP_WAIT_POLICY of the user's own wins
+    env = dict(os.environ) if {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ) else \
+        {**os.environ, "GOMP_SPINCOUNT": str(spin)}
     with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, bufsize=1,
+                                                      text=True, bufsize=1, env=env,
                                                       preexec_fn=processes.die_with_parent) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)

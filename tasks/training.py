@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import re
 
-import luigi
 
-from tasks.params import Count, Number, SeqLen
+from tasks.params import Count, Int, Number, SeqLen
 from tasks.stage import CommandFailed, Stage, pipeline_settings, run_logged
 
 
@@ -23,7 +22,7 @@ class TrainingStage(Stage):
     start_lr = Number(above=0)
     warmup = Count(0, description="steps of linear learning-rate warmup")
     weight_decay = Number(at_least=0)
-    seed = luigi.IntParameter()
+    seed = Int()
     eval_tokens = Count(zero="all", at_least="seq_len", description="held-out tokens for perplexity (0: all)")
     log_interval = Count(description="steps between logged losses")
     save_interval = Count(zero="never", description="steps between resumable checkpoints")

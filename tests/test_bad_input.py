@@ -207,6 +207,75 @@ def store_is_a_file(p, d):
     return p.run("-m", "tasks.status", check=False)
 
 
+def edited_checkpoint(edit):
+    """A real GPT-J checkpoint whose ``model.safetensors`` tensors ``edit`` changes (a dict of
+    name to tensor, edited in place) before they are written back."""
+    def make(d: Path) -> Path:
+        from safetensors.torch import load_file, save_file
+
+        path = hf_checkpoint(d)
+        tensors = load_file(path / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        return path
+    return make
+
+
+def nan_weight(tensors):
+    tensors["transformer.h.1.mlp.fc_in.weight"][3, 5] = float("nan")
+
+
+def truncated_checkpoint(d: Path) -> Path:
+    path = hf_checkpoint(d)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return path
+
+
+def sharded_checkpoint_missing_a_shard(d: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    path = hf_checkpoint(d)
+    tensors = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    save_file({n: tensors[n] for n in names[::2]}, path / "model-00001-of-00002.safetensors")
+    weight_map = {n: shard for shard, ns in shards.items() for n in ns}
+    write(path / "model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def nan_training_weights(p, d):
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models import GPTJ, get_preset
+
+    torch.manual_seed(0)
+    state = GPTJ(get_preset("gpt-j-smoke")).state_dict()
+    state["transformer.h.0.mlp.fc_in.weight"][0, 0] = float("nan")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(d / "nan.safetensors"))
+    return p.run("-m", "pipeline.train", "--save-dir", str(d / "out"), "--model", "gpt-j-smoke", "--data",
+                 str(d / "corpus_artifact"), "--load", str(d / "nan.safetensors"), "--steps", "3", "--seq-len", "16",
+                 "--batch-size", "2", check=False)
+
+
+def config_path(value):
+    def run(p, d):
+        p.env["LUIGI_CONFIG_PATH"] = value.format(d=d)
+        return p.luigi("BaseModel", check=False)
+    return run
+
+
+def plan_check(make):
+    def run(p, d):
+        path = make(d)
+        return p.run("-m", "tasks.plan", "--check", "--target", "Report", "--pipeline-model", "gpt-j",
+                     "--pipeline-checkpoint", str(path), check=False)
+    return run
+
+
 CASES = {
     # command line: luigi parameters
     "1": luigi("BaseModel", "--pipeline-model", "gpt-k"),
@@ -295,9 +364,35 @@ CASES = {
     "68": luigi("Report", "--Report-harness-tasks", "local_mc", "--Report-harness-include", "/nonexistent"),
     "69": luigi("BaseModel", "--pipeline-precision", "fp8"),
     "70": module("pipeline.generate", "--model", "{d}", "--prompt", "hi", "--kv-cache", "maybe"),
+    # non-finite numbers
+    "71": checkpoint(edited_checkpoint(nan_weight)),
+    "72": nan_training_weights,
+    # configuration files and command-line types, before any work
+    "73": config_path("{d}/missing.cfg"),
+    "74": config_path("{d}/a.cfg:{d}/b.cfg"),
+    "75": config("[BaseModel]\nstep = 5\n"),
+    "76": config("[BaseModle]\nsteps = 5\n"),
+    "77": luigi("BaseModel", "--BaseModel-steps", "1.5"),
+    "78": luigi("BaseModel", "--BaseModel-start-lr", "abc"),
+    "79": luigi("FinalCompressed", "--FinalCompressed-int8", "maybe"),
+    "80": luigi("BaseModel", "--pipeline-nproc-per-node", "two"),
+    "81": module("tasks.status", "--BaseModel-steps", "1.5"),
+    "82": module("tasks.plan", "--ReluModel-kd-temp", "nan"),
+    # inputs that depend on the corpus or the checkpoint, refused before any stage builds
+    "83": luigi("HiddenStates", "--HiddenStates-token-budget", "100000000"),
+    "84": luigi("HiddenStates", "--HiddenStates-heldout-fraction", "0"),
+    "85": luigi("HiddenStates", "--HiddenStates-heldout-fraction", "0.001"),
+    "86": lambda p, d: p.luigi("HiddenStates", "--HiddenStates-token-budget", "300000", check=False),
+    "87": checkpoint(edited_checkpoint(lambda t: t.pop("transformer.h.1.attn.q_proj.weight"))),
+    "88": checkpoint(edited_checkpoint(lambda t: t.update({"transformer.ln_f.weight": t["transformer.ln_f.weight"][:32]}))),
+    "89": checkpoint(truncated_checkpoint),
+    "90": checkpoint(sharded_checkpoint_missing_a_shard),
+    "91": plan_check(edited_checkpoint(lambda t: t.pop("transformer.h.1.attn.q_proj.weight"))),
 }
-SETUP = {"10": fake_corpus_artifact, "11": fake_corpus_artifact, "29": fake_corpus_artifact}
-PUBLISHED = {"46": {"Corpus"}, "47": {"Corpus"}}  # built on purpose before the refused run
+SETUP = {"10": fake_corpus_artifact, "11": fake_corpus_artifact, "29": fake_corpus_artifact,
+         "72": fake_corpus_artifact}
+# built on purpose before the refused run, or the Corpus that a check needs built first
+PUBLISHED = {"46": {"Corpus"}, "47": {"Corpus"}, "71": {"Corpus"}, "86": {"Corpus"}}
 
 
 def test_the_catalogue_has_a_test_for_every_row_and_no_more():

@@ -36,7 +36,8 @@ def test_gc_leaves_user_files_and_the_current_graphs_resumable_work(project, tmp
     inside.parent.mkdir(parents=True)
     checkpoint.rename(inside)
     graph = ("--pipeline-model", "gpt-j", "--pipeline-checkpoint", str(inside))
-    p.luigi("BaseModel", *graph)
+    built = p.luigi("BaseModel", *graph)
+    again = p.luigi("BaseModel", *graph)  # nothing to build: it still says where the result is
     notes = p.artifacts / "BaseModel" / "notes.txt"
     notes.write_text("which run was the good one\n")
     lookalike = p.artifacts / "Corpus" / ".scratch-0123456789abcdef"  # no store marker: not the store's
@@ -54,6 +55,8 @@ def test_gc_leaves_user_files_and_the_current_graphs_resumable_work(project, tmp
     steps = status["ReluModel"]["params"]["steps"]
     assert status["ReluModel"]["reasons"][0].startswith(f"partial: resumable from step 50 of {steps}")
     base = p.artifacts / "BaseModel" / status["BaseModel"]["version"]
+    for run in (built, again):  # a run ends by naming what it built
+        assert run.stdout.rstrip().splitlines()[-1] == f"BaseModel is at {base}", run.stdout[-500:]
     assert status["BaseModel"]["path"] == str(base) and status["ReluModel"]["path"] == str(scratch)
     text = p.run("-m", "tasks.status", "--paths", *graph).stdout
     assert f"at {base}" in text and f"at {scratch}" in text, text

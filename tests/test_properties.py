@@ -15,7 +15,7 @@ from pipeline.artifacts import StageSpec, describe_changes, save_safetensors, sh
 from pipeline.moefication.hidden import rank_parts
 
 import tasks
-from tasks.stage import check_config
+from tasks.config import check_config
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 values = st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6).map(str),
@@ -106,7 +106,7 @@ def test_resource_limits_parse_or_refuse_in_one_sentence(raw):
 @FAST
 @given(st.floats(-2, 3, allow_nan=False), st.floats(-1, 2, allow_nan=False))
 def test_fraction_parameters_are_valid_or_named(heldout, topk):
-    for task, name, valid in ((tasks.HiddenStates(heldout_fraction=heldout), "heldout_fraction", 0 <= heldout < 1),
+    for task, name, valid in ((tasks.HiddenStates(heldout_fraction=heldout), "heldout_fraction", 0 < heldout < 1),
                               (tasks.Routers(topk_fraction=topk), "topk_fraction", 0 < topk <= 1)):
         if valid:
             task.check_params()

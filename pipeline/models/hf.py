@@ -17,8 +17,9 @@ from pipeline.cli import UsageError
 from .config import WEIGHT_FILES, CheckpointError, GPTJConfig, checkpoint_config, checkpoint_dir
 from .gptj import GPTJ
 
-def _read_weight_file(file):
-    """Load one .safetensors or .bin file into a dict name -> CPU tensor."""
+def _read_weight_file(file, mmap: bool = False):
+    """Load one .safetensors or .bin file into a dict name -> CPU tensor (``mmap``: a .bin file's
+    tensors mapped, not read)."""
     if file.suffix == ".safetensors":
         try:
             return load_file(file, device="cpu")
@@ -26,7 +27,7 @@ def _read_weight_file(file):
             raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
     try:
         # weights_only: never unpickle arbitrary objects from a checkpoint
-        sd = torch.load(file, map_location="cpu", weights_only=True)
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{file}: cannot load as a weights-only PyTorch state dict ({e})") from None
     if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
@@ -103,6 +104,87 @@ def read_tensors(path, names=None) -> dict:
     return found
 
 
+def _expected(config) -> dict:
+    """{name: tensor on the meta device} of a GPT-J model of ``config``."""
+    with torch.device("meta"):
+        return GPTJ(config).state_dict()
+
+
+def check_tensors(found: dict, origin: dict, expected: dict, weights_file, config_file) -> None:
+    """Refuse, in one sentence, tensors that do not make the model of ``config_file``: ``found``
+    maps each name to its (shape, dtype), ``origin`` to the file holding it."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{weights_file}: missing tensor '{missing[0]}'{more} required by {config_file}")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        key = unexpected[0]
+        raise CheckpointError(f"{origin[key]}: unexpected tensor '{key}', not part of a GPT-J model")
+    for key in expected:  # model order, so the first bad tensor reported is the earliest in the network
+        shape, dtype = found[key]
+        if tuple(shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{origin[key]}: tensor '{key}' has shape {tuple(shape)}, "
+                                  f"expected {tuple(expected[key].shape)} from {config_file}")
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"{origin[key]}: tensor '{key}' has dtype {dtype}, expected a floating-point type")
+
+
+def _tie(found: dict, origin: dict, hf_config: dict) -> None:
+    """A checkpoint with tied embeddings stores no lm_head: it is the input embedding's copy."""
+    if "lm_head.weight" not in found and hf_config.get("tie_word_embeddings") and "transformer.wte.weight" in found:
+        value = found["transformer.wte.weight"]
+        found["lm_head.weight"] = value.clone() if isinstance(value, torch.Tensor) else value
+        origin["lm_head.weight"] = origin["transformer.wte.weight"]
+
+
+def check_checkpoint_files(path) -> None:
+    """Every tensor of a checkpoint directory present, with the shape its config asks for, and
+    every weight file whole: from the safetensors headers (no weight is read), before any work."""
+    path = checkpoint_dir(path)
+    config, hf_config = checkpoint_config(path, with_raw=True)
+    weights_file = next(path / n for n in WEIGHT_FILES if (path / n).is_file())
+    files = _shard_files(weights_file) if weights_file.name.endswith(".index.json") else [weights_file]
+    found, origin = {}, {}
+    for file in files:
+        for name, shape_dtype in _header_tensors(file).items():
+            if not name.endswith((".attn.bias", ".attn.masked_bias")):
+                found[name], origin[name] = shape_dtype, file
+    _tie(found, origin, hf_config)
+    check_tensors(found, origin, _expected(config), weights_file, path / "config.json")
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _header_tensors(file) -> dict:
+    """{name: (shape, dtype)} of one weight file, from its header alone (a .bin file is mapped,
+    not read); a safetensors file shorter than its header says is refused as truncated."""
+    if file.suffix != ".safetensors":
+        try:
+            tensors = _read_weight_file(file, mmap=True)
+        except CheckpointError:  # a file in the legacy (non-zip) format cannot be mapped: read it
+            tensors = _read_weight_file(file)
+        return {k: (t.shape, t.dtype) for k, t in tensors.items()}
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 8 <= size and n <= size - 8 else None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read its safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a safetensors file (its header is cut short or missing)")
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if size < 8 + n + end:
+        raise CheckpointError(f"{file} is {size} bytes, and its header describes {8 + n + end}: the file is "
+                              f"truncated (copy it again)")
+    return {k: (info["shape"], _SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)) for k, info in header.items()}
+
+
 def from_pretrained(path, dtype=torch.float32):
     """Load a GPT-J model from a Hugging Face style directory (config.json + weights).
 
@@ -110,41 +192,29 @@ def from_pretrained(path, dtype=torch.float32):
     """
     path = checkpoint_dir(path)
     config, hf_config = checkpoint_config(path, with_raw=True)
-    config_file = path / "config.json"
-
     sd, weights_file, origin = _load_weights(path)
-    if "lm_head.weight" not in sd and hf_config.get("tie_word_embeddings") and "transformer.wte.weight" in sd:
-        sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
-        origin["lm_head.weight"] = origin["transformer.wte.weight"]
-
-    # build without allocating memory; the checkpoint tensors become the parameters
+    _tie(sd, origin, hf_config)
+    expected = _expected(config)  # built without memory; the checkpoint tensors become the parameters
+    check_tensors({k: (t.shape, t.dtype) for k, t in sd.items()}, origin, expected, weights_file,
+                  path / "config.json")
+    for key in expected:
+        check_finite(sd[key], key, origin[key])
+        if dtype is not None:
+            sd[key] = sd[key].to(dtype)
     with torch.device("meta"):
         model = GPTJ(config)
-    expected = model.state_dict()
-
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{weights_file}: missing tensor '{missing[0]}'{more} required by {config_file}")
-    unexpected = [k for k in sd if k not in expected]
-    if unexpected:
-        key = unexpected[0]
-        raise CheckpointError(f"{origin[key]}: unexpected tensor '{key}', not part of a GPT-J model")
-    for key in expected:  # model order, so the first bad tensor reported is the earliest in the network
-        tensor = sd[key]
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{origin[key]}: tensor '{key}' has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(expected[key].shape)} from {config_file}"
-            )
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{origin[key]}: tensor '{key}' has dtype {tensor.dtype}, expected a floating-point type")
-        if dtype is not None:
-            sd[key] = tensor.to(dtype)
-
     model.load_state_dict(sd, strict=True, assign=True)
     model.reset_rope_()
     return model.eval()
+
+
+def check_finite(tensor, name: str, source) -> None:
+    """Refuse a weight holding NaN or infinite values, by name: trained on, it poisons every stage after it."""
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(f"{source}: tensor '{name}' holds {int(bad.sum())} NaN or infinite value(s) (the first "
+                              f"at index {first}: {tensor[first].item()}); expected finite weights")
 
 
 def save_pretrained(model, path, dtype=None):
