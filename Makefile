@@ -1,7 +1,11 @@
 # Every target bootstraps .venv on first use. Override the model, checkpoint and process count
-# with MODEL=, CHECKPOINT= and NPROC= (e.g. `make base MODEL=gpt-j CHECKPOINT=/ckpt NPROC=8`).
+# with MODEL=, CHECKPOINT= and NPROC= (e.g. `make base MODEL=gpt-j CHECKPOINT=/ckpt NPROC=8`), and
+# layer a configuration file over luigi.cfg with CONFIG= (e.g. CONFIG=configs/gpt-j-6b.cfg).
 PYTHON ?= python3
 VENV := .venv
+ifdef CONFIG
+export LUIGI_CONFIG_PATH := $(abspath $(CONFIG))
+endif
 PY := $(VENV)/bin/python
 LUIGI := $(VENV)/bin/luigi --module tasks
 
@@ -10,7 +14,7 @@ OVERRIDES := $(if $(MODEL),--pipeline-model $(MODEL)) \
              $(if $(NPROC),--pipeline-nproc-per-node $(NPROC))
 
 # `make moefy`: Corpus -> BaseModel -> ReluModel -> HiddenStates -> ExpertClusters -> Routers -> Moefied
-.PHONY: setup base relu moefy compress plan report status verify gc gc-dry-run test test-chain test-fast bench bench-moe clean-venv
+.PHONY: setup base relu moefy compress plan report results status verify gc gc-dry-run test test-chain test-fast bench bench-moe clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +43,10 @@ plan: setup
 
 report: setup
 	$(LUIGI) Report $(OVERRIDES)
+
+# docs/results.md from the current graph's manifests (after make compress)
+results: setup
+	$(PY) -m tasks.results $(OVERRIDES)
 
 status: setup
 	$(PY) -m tasks.status $(OVERRIDES)

@@ -295,6 +295,14 @@ def speed_table(rows: list[dict]) -> list[str]:
 
 
 def write_markdown(metrics: dict, out: Path, title: str) -> None:
+    lines = report_lines(metrics, title)
+    lines += [f"![{caption}]({name})" for name, caption in PLOTS.items()] + [""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def report_lines(metrics: dict, title: str) -> list[str]:
+    """The report's text from the Report's manifest metrics: the quality and speed tables, harness
+    scores and what each row is (``tasks.results`` writes the same into docs/results.md)."""
     rows, control = metrics["rows"], metrics["control"]
     lines = [f"# {title}", "",
              f"Every model on the same {metrics['eval_tokens']} validation tokens (windows of {metrics['seq_len']}). "
@@ -319,6 +327,4 @@ def write_markdown(metrics: dict, out: Path, title: str) -> None:
               f"of those per-round ratios in brackets. The teacher's own row is the teacher timed alone: ratio 1, "
               f"the brackets its rounds' spread about their median.", "", *speed_table(rows)]
     lines += harness_table(rows)
-    lines += [""] + [f"- **{r['name']}**: {r['what']}" for r in rows] + [""]
-    lines += [f"![{caption}]({name})" for name, caption in PLOTS.items()] + [""]
-    (out / "report.md").write_text("\n".join(lines))
+    return lines + [""] + [f"- **{r['name']}**: {r['what']}" for r in rows] + [""]

@@ -1,6 +1,7 @@
 """BaseModel: pretrain a preset from scratch on the Corpus (under torchrun), or import a checkpoint."""
 from __future__ import annotations
 
+import functools
 import shutil
 
 
@@ -35,6 +36,8 @@ class BaseModel(TrainingStage):
                              f"Hugging Face GPT-J directory")
         params = {"model": settings.model, "eval_tokens": self.eval_tokens, "seq_len": self.seq_len}
         if checkpoint:
+            check_checkpoint(checkpoint, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                               for p in sorted(checkpoint.iterdir()) if p.is_file()))
             params["checkpoint_sha256"] = content_hash(checkpoint)
             return params
         return {**params, **self.training_params()}
@@ -74,6 +77,16 @@ class BaseModel(TrainingStage):
         build.metrics.update({"valid_loss": round(result["loss"], 5), "valid_perplexity": round(result["perplexity"], 4),
                               "valid_tokens": result["tokens"],
                               "parameters": checkpoint_config(build.path).num_params()})
+
+
+@functools.lru_cache(maxsize=None)
+def check_checkpoint(path, stamp: tuple) -> None:
+    """Every tensor of the checkpoint present with its shape and every weight file whole, from the
+    headers, while the graph is computed (before any stage runs); once per process while its
+    files (``stamp``) are unchanged."""
+    from pipeline.models.hf import check_checkpoint_files
+
+    check_checkpoint_files(path)
 
 
 def recorded_perplexity(artifact, seq_len: int, eval_tokens: int) -> float | None:

@@ -73,23 +73,14 @@ class pipeline_settings(luigi.Config):
         return checkpoint_config(self.checkpoint) if self.checkpoint else get_preset(self.model)
 
     def checkpoint_dir(self) -> Path | None:
-        """The checkpoint directory, validated (it exists, holds a GPT-J config and every tensor it
-        asks for, in files that are whole), or None."""
+        """The checkpoint directory, validated (it exists and holds a GPT-J config and weights), or
+        None; BaseModel checks its tensors (``check_checkpoint``)."""
         if not self.checkpoint:
             return None
-        path = Path(self.checkpoint)
-        _checked_checkpoint(path, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                        for p in sorted(path.iterdir()) if p.is_file()) if path.is_dir() else ())
-        return path.resolve()
+        from pipeline.models.config import checkpoint_config
 
-
-@functools.lru_cache(maxsize=None)
-def _checked_checkpoint(path: Path, stamp: tuple) -> None:
-    """The checkpoint's config, every tensor's name and shape and every weight file's length, from
-    the headers (once per process while its files are unchanged): refused before any stage runs."""
-    from pipeline.models.hf import check_checkpoint_files
-
-    check_checkpoint_files(path)
+        checkpoint_config(self.checkpoint)
+        return Path(self.checkpoint).resolve()
 
 
 @functools.lru_cache(maxsize=None)

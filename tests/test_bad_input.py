@@ -1,4 +1,4 @@
-"""The bad-input catalogue: every row of the README's table is run here, and the exact message
+"""The bad-input catalogue: every row of docs/bad-inputs.md's table is run here, and the exact message
 it shows must appear on stderr with a non-zero exit, with nothing published.
 
 In the table, ``<dir>`` stands for the directory the inputs lie in, ``<store>`` for the artifact
@@ -14,13 +14,13 @@ import pytest
 
 from conftest import ROOT, SMOKE_CFG
 
-README = ROOT / "README.md"
+CATALOGUE = ROOT / "docs" / "bad-inputs.md"
 BEGIN, END = "<!-- bad-inputs -->", "<!-- /bad-inputs -->"
 
 
 def catalogue() -> dict[str, tuple[str, str, str]]:
-    """{id: (area, bad input, message)} from the README's table."""
-    text = README.read_text()
+    """{id: (area, bad input, message)} from the catalogue's table."""
+    text = CATALOGUE.read_text()
     rows = {}
     for line in text[text.index(BEGIN):text.index(END)].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
