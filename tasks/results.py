@@ -1,5 +1,6 @@
 """``python -m tasks.results [--out docs/results.md] [luigi overrides]`` (``make results``): the
-measured results page, written from the manifests of the current graph: the Report's tables as
+measured results page, written from the manifests of the current graph's Report and what it
+was built from (what ``make compress`` builds): the Report's tables as
 its ``report.md`` has them, and every stage's version, build time and key figures. A figure on the
 page is regenerated from an artifact, never retyped."""
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pipeline import cli
 from pipeline.artifacts import PROJECT_ROOT
 from pipeline.cli import UsageError
 from pipeline.report import report_lines
-from tasks.status import instance_label, open_store, parse_graph_command
+from tasks.status import current_graph, instance_label, open_store
 
 # per stage, the metrics worth a column on the page (name in the manifest, how it is shown)
 KEY_METRICS = {
@@ -67,7 +68,12 @@ def results_page(graph, specs) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tasks.results", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "results.md", help="the page to write")
-    args, specs = parse_graph_command(p, argv)
+    args, overrides = p.parse_known_args(argv)
+    try:
+        with current_graph(overrides, ("Report",)) as stages:  # what make compress builds
+            specs = [t.spec() for t in stages]
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
     graph = published_graph(specs, open_store())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
