@@ -26,7 +26,6 @@ LUIGI_SECTIONS = {"core": {"autoload_range", "history_filename", "tmp_dir", "log
                            "rpc_log_retries", "rpc_connect_timeout", "rpc_retry_attempts", "rpc_retry_wait"},
                   "task_history": {"db_connection"}, "logging": None, "hadoop": None, "hdfs": None, "hive": None,
                   "pig": None, "spark": None, "webhdfs": None}
-_KINDS = {luigi.IntParameter: "an integer", luigi.FloatParameter: "a number", luigi.BoolParameter: "true or false"}
 
 
 def check_config(classes) -> None:
@@ -111,8 +110,7 @@ def check_values(classes) -> None:
                     raise SystemExit(f"error: {_file_setting(conf, section, name, raw)} sets [{section}] {name} = "
                                      f"{raw!r}; {problem}")
             except (ValueError, TypeError):
-                kind = getattr(param, "kind", None) or next((k for t, k in _KINDS.items() if isinstance(param, t)),
-                                                            "a valid value")
+                kind = getattr(param, "kind", "a valid value")  # every typed parameter says its kind (tasks.params)
                 raise SystemExit(f"error: {_file_setting(conf, section, name, raw)} sets [{section}] {name} = {raw!r}; "
                                  f"expected {kind}") from None
 
